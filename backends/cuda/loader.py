@@ -1,0 +1,77 @@
+"""Loading a model directory into the PyTorch model, and the CausalLM the core drives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sts_edge.backends.cuda.model import Transformer
+from sts_edge.config import ModelConfig
+from sts_edge.errors import ModelLoadError
+from sts_edge.weights import check_complete, checkpoint_files, internal_name
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchCausalLM:
+    """A Transformer with its KV cache and committed length (the CausalLM protocol)."""
+
+    def __init__(self, model: Transformer, capacity: int):
+        self.model = model
+        self.config = model.config
+        self.capacity = capacity
+        self.device = model.embed_tokens.weight.device
+        self._length = 0
+        model.setup_cache(capacity)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @torch.inference_mode()
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        start, n = self._length, len(tokens)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if start + n > self.capacity:
+            raise ValueError(f"{start + n} positions exceed the KV cache capacity {self.capacity}")
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        logits = self.model(ids, start, all_logits)
+        self._length = start + n
+        return logits.float().cpu().numpy()
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot roll back to {length}: {self._length} positions are committed")
+        self._length = length
+
+
+def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> TorchCausalLM:
+    torch_device = torch.device("cuda" if device == "cuda" else "cpu")
+    if dtype is None:
+        # bfloat16 halves memory traffic on GPUs; CPUs run float32 matmuls faster and exactly.
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in checkpoint_files(model_dir):
+        for name, tensor in load_file(str(path), device=str(torch_device)).items():
+            mapped = internal_name(name, config)
+            if mapped is not None:
+                state[mapped] = tensor.to(torch_dtype)
+    check_complete(set(state), config, model_dir)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # shape mismatches: config.json and weights disagree
+        raise ModelLoadError(f"{model_dir}: weights do not match config.json: {err}") from None
+    return TorchCausalLM(model.eval(), max_seq_len)

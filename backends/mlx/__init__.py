@@ -1,0 +1,5 @@
+"""MLX backend: Apple-silicon GPUs through Metal, and the CPU (Linux: pip install "mlx[cpu]")."""
+
+from sts_edge.backends.mlx.loader import MLXCausalLM, load_model
+
+__all__ = ["MLXCausalLM", "load_model"]

@@ -1,0 +1,78 @@
+"""Loading a model directory into the MLX model, and the CausalLM the core drives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from sts_edge.backends.mlx.model import KVCache, Transformer
+from sts_edge.config import ModelConfig
+from sts_edge.errors import ModelLoadError
+from sts_edge.weights import check_complete, checkpoint_files, internal_name
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def metal_available() -> bool:
+    return mx.metal.is_available()
+
+
+class MLXCausalLM:
+    """A Transformer with its KV caches and committed length (the CausalLM protocol)."""
+
+    def __init__(self, model: Transformer, capacity: int, dtype: mx.Dtype):
+        self.model = model
+        self.config = model.config
+        self.capacity = capacity
+        c = model.config
+        self.caches = [KVCache(c.num_key_value_heads, capacity, c.head_dim, dtype) for _ in range(c.num_hidden_layers)]
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        start, n = self._length, len(tokens)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if start + n > self.capacity:
+            raise ValueError(f"{start + n} positions exceed the KV cache capacity {self.capacity}")
+        logits = self.model(mx.array(list(tokens), dtype=mx.int32), self.caches, start, all_logits)
+        # Evaluate the cache writes with the logits so the lazy graph never outlives one step.
+        mx.eval(logits, [(c.keys, c.values) for c in self.caches])
+        self._length = start + n
+        return np.array(logits.astype(mx.float32))
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot roll back to {length}: {self._length} positions are committed")
+        self._length = length
+
+
+def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> MLXCausalLM:
+    if dtype is None:
+        # Half precision on Apple GPUs; the CPU build (Linux) runs float32 for exact agreement.
+        dtype = ("float16" if config.torch_dtype == "float16" else "bfloat16") if metal_available() else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    mlx_dtype = DTYPES[dtype]
+
+    weights: dict[str, mx.array] = {}
+    for path in checkpoint_files(model_dir):
+        for name, array in mx.load(str(path)).items():
+            mapped = internal_name(name, config)
+            if mapped is not None:
+                weights[mapped] = array.astype(mlx_dtype)
+    check_complete(set(weights), config, model_dir)
+
+    model = Transformer(config)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as err:  # unexpected tensors or shape mismatches
+        raise ModelLoadError(f"{model_dir}: weights do not match config.json: {err}") from None
+    mx.eval(model.parameters())
+    return MLXCausalLM(model, max_seq_len, mlx_dtype)

@@ -1,0 +1,111 @@
+"""Llama-family transformer in MLX (Llama 3.x, Mistral, SmolLM2, Qwen2/2.5, Qwen3).
+
+The same model as backends/cuda/model.py, written the mlx-lm way. Batch size one; attention
+tensors are [1, heads, tokens, head_dim], the layout mx.fast.scaled_dot_product_attention takes.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from sts_edge.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values [1, kv_heads, capacity, head_dim], written by position.
+
+    The model's committed length says which rows are live, so rollback copies nothing.
+    """
+
+    def __init__(self, kv_heads: int, capacity: int, head_dim: int, dtype: mx.Dtype):
+        self.keys = mx.zeros((1, kv_heads, capacity, head_dim), dtype=dtype)
+        self.values = mx.zeros((1, kv_heads, capacity, head_dim), dtype=dtype)
+
+    def write(self, start: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Store rows start..start+n and return the live rows 0..start+n."""
+        end = start + k.shape[2]
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def causal_block_mask(start: int, n: int) -> mx.array:
+    """[n, start + n] bool: query i (at position start + i) sees keys 0..start + i."""
+    return mx.arange(start + n)[None, :] <= mx.arange(start, start + n)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scale = self.head_dim**-0.5
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        # mx.fast.rope takes rotation periods (1 / inverse frequency), llama3 scaling included.
+        self._rope_periods = mx.array(1.0 / config.rope_inv_freq(), dtype=mx.float32)
+
+    def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
+        n = x.shape[1]
+        q = self.q_proj(x).reshape(1, n, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(1, n, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(1, n, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:  # Qwen3 normalises each head before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self._rope_periods)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self._rope_periods)
+        keys, values = cache.write(start, k, v)
+        mask = None if n == 1 else causal_block_mask(start, n)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [Block(config) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, caches: list[KVCache], start: int, all_logits: bool) -> mx.array:
+        """Logits for `tokens` [n] placed at positions start..: [n, vocab], or [1, vocab]."""
+        x = self.embed_tokens(tokens[None])
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cache, start)
+        x = self.norm(x if all_logits else x[:, -1:])
+        logits = self.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        return logits[0]

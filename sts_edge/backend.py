@@ -1,0 +1,111 @@
+"""The small protocol between the backend-agnostic core and a framework (torch or MLX).
+
+A backend loads a model directory into a `CausalLM`: a model plus its own preallocated KV cache.
+The speculative loop needs only four things from it: run some tokens and get logits back, know
+how many positions are committed, forget positions past a given length (O(1) rollback), and the
+config. Logits come back as float32 numpy rows so that sampling and acceptance are written once.
+
+STS extends this protocol (next step): the draft's forward will also accumulate per-layer,
+per-KV-head attention scores, and the target's forward will take per-layer, per-KV-head token
+index sets for its verification block.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from sts_edge.config import ModelConfig
+from sts_edge.errors import BackendUnavailableError
+
+# backend name -> (module serving it, what to install when it is missing)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "cuda": ("sts_edge.backends.cuda", 'pip install "sts-edge[cuda]" on a machine with an NVIDIA GPU'),
+    "torch-cpu": ("sts_edge.backends.cuda", 'pip install "sts-edge[cuda]"'),
+    "mlx": ("sts_edge.backends.mlx", 'pip install "sts-edge[mlx]" (on Linux: pip install "mlx[cpu]" mlx-lm)'),
+}
+
+
+class CausalLM(Protocol):
+    """A loaded model with its KV cache. Batch size is one: this is a local, single-user runtime."""
+
+    config: ModelConfig
+    capacity: int  # positions the KV cache can hold
+
+    @property
+    def length(self) -> int:
+        """Positions committed to the KV cache."""
+        ...
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `tokens` at positions length.. and return float32 logits.
+
+        Returns [len(tokens), vocab] when `all_logits`, else [1, vocab] for the last token only.
+        """
+        ...
+
+    def rollback(self, length: int) -> None:
+        """Forget every position from `length` on; O(1), nothing is copied."""
+        ...
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def auto_backend() -> str:
+    """The best backend this machine can run: MLX on Apple silicon, CUDA with a GPU, else the CPU."""
+    if sys.platform == "darwin" and platform.machine() == "arm64" and _installed("mlx"):
+        return "mlx"
+    if _installed("torch"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "torch-cpu"
+    if _installed("mlx"):
+        return "mlx"
+    raise BackendUnavailableError(
+        'no backend is installed: pip install "sts-edge[cuda]" (PyTorch) or "sts-edge[mlx]" (MLX)'
+    )
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """Check a backend name (or pick one for "auto") and that its libraries and device are present."""
+    if name == "auto":
+        return auto_backend()
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    framework = "mlx" if name == "mlx" else "torch"
+    if not _installed(framework):
+        raise BackendUnavailableError(f"backend {name!r} needs {framework}: {BACKENDS[name][1]}")
+    if name == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("backend 'cuda' needs an NVIDIA GPU and a CUDA build of torch; use --backend torch-cpu")
+    return name
+
+
+def load_model(
+    model_dir: str | Path,
+    backend: str = "auto",
+    *,
+    max_seq_len: int | None = None,
+    dtype: str | None = None,
+) -> CausalLM:
+    """Load a model directory on a backend, with a KV cache of `max_seq_len` positions.
+
+    `max_seq_len` defaults to the model's max_position_embeddings capped at 8192, so that a
+    128K-context model does not reserve a 128K cache unless asked. `dtype` defaults to the
+    backend's natural choice (bfloat16 on a GPU, float32 on a CPU).
+    """
+    name = resolve_backend(backend)
+    config = ModelConfig.from_model_dir(model_dir)
+    module = importlib.import_module(BACKENDS[name][0])
+    capacity = max_seq_len or min(config.max_position_embeddings, 8192)
+    return module.load_model(Path(model_dir), config, device=name, max_seq_len=capacity, dtype=dtype)
