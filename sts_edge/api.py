@@ -114,8 +114,8 @@ def load(
     in milliseconds rather than after loading gigabytes.
     """
     backend = resolve_backend(backend)
-    tokenizer = Tokenizer(model)
     configs = {model: ModelConfig.from_model_dir(model)}
+    tokenizer = Tokenizer(model)
     if draft is not None:
         configs[draft] = ModelConfig.from_model_dir(draft)
         check_draft_compatible(tokenizer, Tokenizer(draft))

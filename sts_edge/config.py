@@ -110,6 +110,8 @@ class ModelConfig:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
+        if not Path(model_dir).is_dir():
+            raise ModelLoadError(f"model directory {model_dir} does not exist")
         if not path.is_file():
             raise ModelLoadError(f"{model_dir}: no config.json here; is this a Hugging Face model directory?")
         return cls.from_dict(json.loads(path.read_text()), source=str(path))
