@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Iterator, Sequence
 from sts_edge.backend import CausalLM, load_model, resolve_backend
 from sts_edge.config import ModelConfig
 from sts_edge.errors import IncompatibleModelsError, ModelLoadError
+from sts_edge.mask import LayerHeadMap, MaskPolicy
 from sts_edge.sampling import SamplingParams
 from sts_edge.speculative import GenerationStats, generate_tokens
 from sts_edge.tokenizer import Tokenizer
@@ -45,12 +47,47 @@ class Generation:
     stats: GenerationStats
 
 
-class Engine:
-    """A loaded target (and draft) with their tokenizer. One request runs at a time."""
+POLICY_OPTIONS = ("budget", "sink", "window", "dense_layers", "aggregation", "granularity")
 
-    def __init__(self, target: CausalLM, tokenizer: Tokenizer, draft: CausalLM | None = None, backend: str = ""):
+
+class Engine:
+    """A loaded target (and draft) with their tokenizer. One request runs at a time.
+
+    `policy` is the default mask policy (sts when there is a draft, else dense); `calibration`
+    maps granularity to the calibrated LayerHeadMap, when a calibration file was found.
+    """
+
+    def __init__(
+        self,
+        target: CausalLM,
+        tokenizer: Tokenizer,
+        draft: CausalLM | None = None,
+        backend: str = "",
+        policy: MaskPolicy | None = None,
+        calibration: dict[str, LayerHeadMap] | None = None,
+    ):
         self.target, self.draft, self.tokenizer, self.backend = target, draft, tokenizer, backend
+        # The default window is 64 tokens, or a quarter of a small cache.
+        self.policy = policy or MaskPolicy("sts" if draft is not None else "dense", window=min(64, target.capacity // 4))
+        self.policy.check_model(target.config, target.capacity)
+        self.calibration = calibration or {}
         self._busy = threading.Lock()
+
+    def resolve_policy(self, use_draft: bool, policy: str | MaskPolicy | None = None, **overrides: Any) -> MaskPolicy:
+        """The engine's policy with a call's overrides (a name or a MaskPolicy, and single settings)."""
+        if isinstance(policy, MaskPolicy):
+            base = policy
+        elif policy is not None:
+            base = dataclasses.replace(self.policy, name=policy)
+        elif self.policy.name == "sts" and not use_draft:
+            base = dataclasses.replace(self.policy, name="dense")  # no draft, no draft scores
+        else:
+            base = self.policy
+        unknown = set(overrides) - set(POLICY_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}")
+        chosen = {k: (tuple(v) if k == "dense_layers" else v) for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(base, **chosen) if chosen else base
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a plain text prompt, or of chat messages rendered with the chat template."""
@@ -70,16 +107,26 @@ class Engine:
         gamma: int = 4,
         use_draft: bool = True,
         stats: GenerationStats | None = None,
+        policy: str | MaskPolicy | None = None,
+        **policy_options: Any,
     ) -> Iterator[int]:
-        """Yield generated token ids. A list of ints is taken as an already tokenized prompt."""
+        """Yield generated token ids. A list of ints is taken as an already tokenized prompt.
+
+        `policy` ("dense", "sts", "oracle", "streaming", "quest" or a MaskPolicy) and the
+        policy options (budget, sink, window, dense_layers, aggregation, granularity) override
+        the engine's default policy for this call.
+        """
         ids = list(prompt) if prompt and all(isinstance(t, int) for t in prompt) else self.encode(prompt)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        draft = self.draft if use_draft else None
+        mask_policy = self.resolve_policy(draft is not None, policy, **policy_options)
+        mapping = self.calibration.get(mask_policy.granularity)
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this engine is already generating; run one request at a time (or load another engine)")
         try:
-            draft = self.draft if use_draft else None
             yield from generate_tokens(
-                self.target, ids, params, max_tokens, self.tokenizer.eos_token_ids, draft=draft, gamma=gamma, stats=stats
+                self.target, ids, params, max_tokens, self.tokenizer.eos_token_ids, draft=draft, gamma=gamma,
+                stats=stats, policy=mask_policy, mapping=mapping,
             )
         finally:
             self._busy.release()
@@ -107,11 +154,16 @@ def load(
     backend: str = "auto",
     max_seq_len: int | None = None,
     dtype: str | None = None,
+    policy: MaskPolicy | None = None,
+    calibration: str | Path | None = "auto",
 ) -> Engine:
     """Load a target model directory and optionally a draft model directory for speculation.
 
     Configs and tokenizers of both are checked before any weights are read, so a wrong pair fails
-    in milliseconds rather than after loading gigabytes.
+    in milliseconds rather than after loading gigabytes. `policy` is the default mask policy
+    (sts with a draft). `calibration`: "auto" uses the pair's file from `python -m
+    sts_edge.calibrate` when it exists (proportional maps otherwise), a path must exist and fit
+    the pair, None ignores calibration.
     """
     backend = resolve_backend(backend)
     configs = {model: ModelConfig.from_model_dir(model)}
@@ -129,6 +181,22 @@ def load(
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     target_model = load_model(model, backend, max_seq_len=max_seq_len, dtype=dtype)
     draft_model = None
+    maps: dict[str, LayerHeadMap] = {}
     if draft is not None:
+        maps = _calibration_maps(model, draft, configs[model], configs[draft], calibration)
         draft_model = load_model(draft, backend, max_seq_len=target_model.capacity, dtype=dtype)
-    return Engine(target_model, tokenizer, draft_model, backend)
+    return Engine(target_model, tokenizer, draft_model, backend, policy, maps)
+
+
+def _calibration_maps(target_dir, draft_dir, target_cfg: ModelConfig, draft_cfg: ModelConfig, calibration) -> dict[str, LayerHeadMap]:
+    from sts_edge import calibrate
+    from sts_edge.mask import GRANULARITIES
+
+    if calibration is None:
+        return {}
+    path = calibrate.default_path(target_dir, draft_dir) if calibration == "auto" else Path(calibration)
+    if calibration == "auto" and not path.is_file():
+        return {}
+    if not path.is_file():
+        raise calibrate.CalibrationError(f"calibration file {path} does not exist")
+    return {g: calibrate.load_mapping(path, target_dir, draft_dir, target_cfg, draft_cfg, g) for g in GRANULARITIES}

@@ -1,13 +1,12 @@
 """The small protocol between the backend-agnostic core and a framework (torch or MLX).
 
 A backend loads a model directory into a `CausalLM`: a model plus its own preallocated KV cache.
-The speculative loop needs only four things from it: run some tokens and get logits back, know
+The speculative loop needs only a few things from it: run some tokens and get logits back, know
 how many positions are committed, forget positions past a given length (O(1) rollback), and the
 config. Logits come back as float32 numpy rows so that sampling and acceptance are written once.
 
-STS extends this protocol (next step): the draft's forward will also accumulate per-layer,
-per-KV-head attention scores, and the target's forward will take per-layer, per-KV-head token
-index sets for its verification block.
+For STS, a draft collects its attention scores during a round (start_scores / read_scores), and
+a target's forward takes a VerificationMask that hands each layer its token index sets.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import numpy as np
 
 from sts_edge.config import ModelConfig
 from sts_edge.errors import BackendUnavailableError
+from sts_edge.mask import VerificationMask
 
 # backend name -> (module serving it, what to install when it is missing)
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -43,11 +43,23 @@ class CausalLM(Protocol):
         """Positions committed to the KV cache."""
         ...
 
-    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], all_logits: bool = False, mask: VerificationMask | None = None) -> np.ndarray:
         """Append `tokens` at positions length.. and return float32 logits.
 
         Returns [len(tokens), vocab] when `all_logits`, else [1, vocab] for the last token only.
+        With `mask` (whose context must equal `length`), each layer's attention over the context
+        reads only the rows `mask.sets_for(layer, ...)` gives it, plus the new tokens causally.
         """
+        ...
+
+    def start_scores(self, granularity: str, aggregation: str) -> None:
+        """Zero a running [layers, units, capacity] score buffer; later forwards fold their
+        attention probabilities into it (max or sum over queries, and over each group's query
+        heads at "kv" granularity)."""
+        ...
+
+    def read_scores(self, context: int) -> np.ndarray:
+        """Stop collecting and return the scores [layers, units, context] of the first positions."""
         ...
 
     def rollback(self, length: int) -> None:

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from sts_edge.backend import BACKENDS
+from sts_edge.cli import add_policy_arguments, calibration_from_args, policy_from_args
 from sts_edge.errors import StsEdgeError
 from sts_edge.speculative import GenerationStats
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="compute backend")
     parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache size in tokens (default: the model's context, at most 8192)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weight and cache dtype (default: bfloat16 on GPUs, float32 on CPUs)")
+    add_policy_arguments(parser)
     return parser
 
 
@@ -44,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     prompt_text = args.prompt if args.prompt is not None else sys.stdin.read()
     from sts_edge.api import load
 
+    if args.policy == "sts" and not args.draft:
+        args.policy = "dense"  # sts needs a draft; without one, plain decoding
     try:
-        engine = load(args.model, args.draft, backend=args.backend, max_seq_len=args.max_seq_len, dtype=args.dtype)
+        engine = load(args.model, args.draft, backend=args.backend, max_seq_len=args.max_seq_len, dtype=args.dtype,
+                      policy=policy_from_args(args), calibration=calibration_from_args(args))
         if args.raw or not engine.tokenizer.chat_template:
             prompt = prompt_text
         else:

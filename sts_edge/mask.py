@@ -63,10 +63,9 @@ class MaskPolicy:
             )
         if self.sink + self.window >= capacity:
             raise MaskPolicyError(
-                f"sink ({self.sink}) + window ({self.window}) must be smaller than the KV cache ({capacity} tokens)"
+                f"sink ({self.sink}) + window ({self.window}) must be smaller than the KV cache ({capacity} tokens); "
+                "lower them or load with a larger max_seq_len"
             )
-        if self.budget >= 1 and self.budget >= capacity:
-            raise MaskPolicyError(f"budget {int(self.budget)} must be smaller than the KV cache ({capacity} tokens)")
 
     def budget_tokens(self, context: int) -> int:
         """The scored part of the budget for a context of `context` tokens."""

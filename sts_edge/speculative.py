@@ -10,6 +10,9 @@ Speculative round (Leviathan et al. 2023, Chen et al. 2023):
      makes this exactly greedy exact-match acceptance;
   4. both KV caches roll back to the accepted length.
 
+With a mask policy (STS), step 1 also collects the draft's attention scores and step 2 reads, in
+each sparse target layer, only the context tokens the policy picks from them (sts.md).
+
 Cache invariant between rounds: the target's cache holds every committed token but the last;
 the draft's cache holds a prefix of that (it lags by one more token after a fully accepted round),
 and catches up by running the missing tokens at the start of its next round.
@@ -25,6 +28,7 @@ import numpy as np
 
 from sts_edge.backend import CausalLM
 from sts_edge.errors import ContextLengthError
+from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationMask, units
 from sts_edge.sampling import SamplingParams, probabilities, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
@@ -43,6 +47,8 @@ class GenerationStats:
     draft_seconds: float = 0.0
     target_tokens: int = 0  # positions the target scored after the prompt
     target_seconds: float = 0.0
+    kept_rows: int = 0  # context rows the target's verification passes read, summed over layers
+    dense_rows: int = 0  # what dense verification would have read
     finish_reason: str = ""  # "stop" (end-of-sequence), "length" (max_tokens) or "context" (cache full)
 
     @property
@@ -55,6 +61,11 @@ class GenerationStats:
     def mean_accepted(self) -> float:
         """Tokens committed per target pass (accepted drafts plus the target's own token)."""
         return self.generated_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Share of the context rows that verification skipped (0 for dense)."""
+        return 1.0 - self.kept_rows / self.dense_rows if self.dense_rows else 0.0
 
     def rate(self, tokens: int, seconds: float) -> float:
         return tokens / seconds if seconds > 0 else 0.0
@@ -70,6 +81,8 @@ class GenerationStats:
                 f"draft {self.rate(self.draft_tokens, self.draft_seconds):.1f} tok/s",
                 f"target {self.rate(self.target_tokens, self.target_seconds):.1f} tok/s",
             ]
+        if self.dense_rows:
+            parts.append(f"sparsity {self.sparsity:.0%}")
         return " | ".join(parts)
 
 
@@ -138,12 +151,16 @@ def generate_tokens(
     draft: CausalLM | None = None,
     gamma: int = 4,
     stats: GenerationStats | None = None,
+    policy: MaskPolicy | None = None,
+    mapping: LayerHeadMap | None = None,
     accept: Callable[..., tuple[int, int]] = accept_drafts,
 ) -> Iterator[int]:
     """Yield generated token ids, with speculative decoding when a draft is given.
 
-    Both models' caches are reset to empty first. `stats` (if given) is filled in as tokens flow;
-    `accept` exists so tests can prove that a wrong acceptance rule is caught.
+    `policy` makes verification sparse (None or "dense": every layer reads the whole context);
+    `mapping` says which draft layer and head stand for each target layer and head (sts only;
+    proportional when None). Both models' caches are reset to empty first. `stats` (if given)
+    is filled in as tokens flow; `accept` exists so tests can prove a wrong rule is caught.
     """
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
@@ -152,6 +169,15 @@ def generate_tokens(
     if draft is not None and not 1 <= gamma <= 32:
         raise ValueError(f"gamma (draft tokens per round) must be between 1 and 32, got {gamma}")
     gamma = gamma if draft is not None else 0
+    if policy is not None and policy.name == "dense":
+        policy = None
+    if policy is not None:
+        policy.check_model(target.config, target.capacity)
+        if policy.name == "sts" and draft is None:
+            raise ValueError("the sts policy takes its token sets from the draft's attention; give a draft model")
+        if policy.name == "sts" and mapping is None:
+            mapping = LayerHeadMap.proportional(target.config, draft.config, policy.granularity)
+    sparse = Sparsity(policy, mapping) if policy is not None else None
     lookahead = gamma + 1
     for model in (target, draft) if draft is not None else (target,):
         check_fits(model, len(prompt), lookahead)
@@ -191,12 +217,12 @@ def generate_tokens(
             return
         if draft is None:
             t0 = time.perf_counter()
-            logits = target.forward(sequence[target.length :])
+            logits = _verify(target, sequence[target.length :], sparse.mask(target, None) if sparse else None, stats)
             stats.target_seconds += time.perf_counter() - t0
             stats.target_tokens += 1
             new_tokens = [sample(probabilities(logits, params)[0], rng)]
         else:
-            new_tokens = _speculative_round(target, draft, sequence, params, gamma, rng, stats, accept)
+            new_tokens = _speculative_round(target, draft, sequence, params, gamma, rng, stats, accept, sparse)
         stats.rounds += 1
         for token in new_tokens:
             sequence.append(token)
@@ -214,12 +240,16 @@ def _speculative_round(
     rng: np.random.Generator,
     stats: GenerationStats,
     accept: Callable[..., tuple[int, int]],
+    sparse: "Sparsity | None",
 ) -> list[int]:
     """One draft-then-verify round; returns the tokens it commits (1 to gamma + 1)."""
     vocab, target_vocab = _common_vocab(target, draft), target.config.vocab_size
     committed = len(sequence)
 
     t0 = time.perf_counter()
+    collect = sparse is not None and sparse.needs_draft_scores(target.length)
+    if collect:
+        draft.start_scores(sparse.policy.granularity, sparse.policy.aggregation)
     drafts: list[int] = []
     draft_probs = np.empty((gamma, target_vocab))
     pending = sequence[draft.length :]  # the draft's 1-2 catch-up tokens, then its own proposals
@@ -227,8 +257,9 @@ def _speculative_round(
         draft_probs[i] = _draft_probs(draft.forward(pending), vocab, target_vocab, params)[0]
         drafts.append(sample(draft_probs[i], rng))
         pending = drafts[-1:]
+    mask = sparse.mask(target, draft.read_scores(target.length) if collect else None) if sparse else None
     t1 = time.perf_counter()
-    target_logits = target.forward(sequence[target.length :] + drafts, all_logits=True)
+    target_logits = _verify(target, sequence[target.length :] + drafts, mask, stats)
     target_probs = probabilities(target_logits, params)
     accepted, next_token = accept(drafts, draft_probs, target_probs, rng)
     t2 = time.perf_counter()
@@ -244,3 +275,28 @@ def _speculative_round(
     stats.target_seconds += t2 - t1
     stats.accepted_histogram[accepted] += 1
     return drafts[:accepted] + [next_token]
+
+
+@dataclass
+class Sparsity:
+    """A mask policy bound to a model pair: makes each verification pass's VerificationMask."""
+
+    policy: MaskPolicy
+    mapping: LayerHeadMap | None
+
+    def needs_draft_scores(self, context: int) -> bool:
+        return self.policy.name == "sts" and not self.policy.is_dense_at(context)
+
+    def mask(self, target: CausalLM, draft_scores: np.ndarray | None) -> VerificationMask:
+        units_per_layer = units(target.config, self.policy.granularity)
+        return VerificationMask(self.policy, target.length, units_per_layer, self.mapping, draft_scores)
+
+
+def _verify(target: CausalLM, block: list[int], mask: VerificationMask | None, stats: GenerationStats) -> np.ndarray:
+    """The target's logits for every position of `block`, reading what the mask allows."""
+    if mask is None:
+        return target.forward(block, all_logits=True)
+    logits = target.forward(block, all_logits=True, mask=mask)
+    stats.kept_rows += mask.kept_rows
+    stats.dense_rows += mask.dense_rows
+    return logits

@@ -1,7 +1,7 @@
-"""Attention over the live part of the KV cache.
+"""Attention over the live part of the KV cache: dense, dense with draft scores, and sparse.
 
-The plain path is PyTorch's scaled_dot_product_attention. It is also the reference that the
-Triton kernels (triton_kernels/) are tested against when they take over the hot paths.
+These are the plain paths (PyTorch ops). They are also the references that the Triton kernels
+(triton_kernels/) are tested against when they take over the hot paths.
 """
 
 from __future__ import annotations
@@ -25,3 +25,63 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
     n = q.shape[1]
     mask = None if n == 1 else causal_block_mask(start, n, q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[0] != keys.shape[0])
+
+
+def attend_and_score(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    scores: torch.Tensor,
+    aggregation: str,
+    granularity: str,
+) -> torch.Tensor:
+    """Dense attention that also folds its probabilities into a running score row.
+
+    scores: [units, capacity] float32 for this layer (units: KV heads or query heads), updated in
+    place with the max (or sum) over this call's queries, and over each group's query heads at
+    "kv" granularity. Only [units, start + n] per-call probabilities exist at any time.
+    """
+    heads, n, head_dim = q.shape
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    qg = q.reshape(kv_heads, group * n, head_dim)
+    logits = (qg.float() @ keys.float().transpose(1, 2)) * head_dim**-0.5  # [kv, group * n, length]
+    if n > 1:
+        logits = logits.masked_fill(~causal_block_mask(start, n, q.device).repeat(group, 1), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    out = (probs.to(values.dtype) @ values).reshape(heads, n, head_dim)
+    per_unit = probs if granularity == "kv" else probs.reshape(heads, n, length)
+    live = scores[:, :length]
+    if aggregation == "max":
+        torch.maximum(live, per_unit.amax(dim=1), out=live)
+    else:
+        live += per_unit.sum(dim=1)
+    return out
+
+
+def sparse_attend(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    start: int,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """The verification block attends to its index set plus itself (causally), by gather.
+
+    q [heads, n, head_dim] at positions start..start+n; cache_k/cache_v: the whole preallocated
+    cache [kv_heads, capacity, head_dim], the block already written; indices [units, kept] sorted
+    positions < start, one row per KV head or per query head.
+    """
+    heads, n, head_dim = q.shape
+    kv_heads, capacity = cache_k.shape[0], cache_k.shape[1]
+    units, kept = indices.shape
+    # Each unit reads from its own KV head: unit u is KV head u, or the KV head of query head u.
+    unit_kv = torch.arange(units, device=q.device) // (units // kv_heads)
+    block = torch.arange(start, start + n, device=q.device)
+    rows = torch.cat((indices, block.expand(units, n)), dim=1) + (unit_kv * capacity)[:, None]
+    k = cache_k.reshape(kv_heads * capacity, head_dim)[rows]  # [units, kept + n, head_dim]
+    v = cache_v.reshape(kv_heads * capacity, head_dim)[rows]
+    mask = torch.ones(n, kept + n, dtype=torch.bool, device=q.device)
+    mask[:, kept:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=units != heads)

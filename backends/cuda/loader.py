@@ -8,9 +8,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sts_edge.backends.cuda.model import Transformer
+from sts_edge.backends.cuda.model import ScoreCollection, Transformer
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
+from sts_edge.mask import VerificationMask, units
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,6 +26,8 @@ class TorchCausalLM:
         self.capacity = capacity
         self.device = model.embed_tokens.weight.device
         self._length = 0
+        self._scores: ScoreCollection | None = None  # set while a draft round collects scores
+        self._score_buffer: torch.Tensor | None = None  # kept across rounds, zeroed at each start
         model.setup_cache(capacity)
 
     @property
@@ -32,16 +35,34 @@ class TorchCausalLM:
         return self._length
 
     @torch.inference_mode()
-    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], all_logits: bool = False, mask: VerificationMask | None = None) -> np.ndarray:
         start, n = self._length, len(tokens)
         if n == 0:
             raise ValueError("forward needs at least one token")
         if start + n > self.capacity:
             raise ValueError(f"{start + n} positions exceed the KV cache capacity {self.capacity}")
+        if mask is not None and mask.context != start:
+            raise ValueError(f"the mask indexes a context of {mask.context} tokens but {start} are committed")
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
-        logits = self.model(ids, start, all_logits)
+        logits = self.model(ids, start, all_logits, mask=mask, scores=self._scores)
         self._length = start + n
         return logits.float().cpu().numpy()
+
+    def start_scores(self, granularity: str, aggregation: str) -> None:
+        """Begin a round: zero the running scores and fold every forward's attention into them."""
+        shape = (self.config.num_hidden_layers, units(self.config, granularity), self.capacity)
+        if self._score_buffer is None or tuple(self._score_buffer.shape) != shape:
+            self._score_buffer = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        else:
+            self._score_buffer.zero_()
+        self._scores = ScoreCollection(self._score_buffer, aggregation, granularity)
+
+    def read_scores(self, context: int) -> np.ndarray:
+        """End a round: the scores [layers, units, context] of the first `context` positions."""
+        if self._scores is None:
+            raise RuntimeError("read_scores without start_scores")
+        scores, self._scores = self._scores, None
+        return scores.buffer[:, :, :context].cpu().numpy()
 
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self._length:

@@ -7,12 +7,24 @@ are [heads, tokens, head_dim].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sts_edge.backends.cuda.attention import attend
+from sts_edge.backends.cuda.attention import attend, attend_and_score, sparse_attend
 from sts_edge.config import ModelConfig
+from sts_edge.mask import VerificationMask
+
+
+@dataclass
+class ScoreCollection:
+    """The draft's running attention scores for one round: [layers, units, capacity] float32."""
+
+    buffer: torch.Tensor
+    aggregation: str  # "max" or "sum"
+    granularity: str  # "kv" or "query"
 
 
 class RMSNorm(nn.Module):
@@ -55,8 +67,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
@@ -68,7 +81,15 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int,
+        mask: VerificationMask | None = None,
+        scores: ScoreCollection | None = None,
+    ) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.n_kv_heads, self.head_dim)
@@ -78,7 +99,17 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(0, 1), cos, sin)
         k = apply_rope(k.transpose(0, 1), cos, sin)
         keys, values = self.cache.write(start, k, v.transpose(0, 1))
-        out = attend(q, keys, values, start)  # [heads, n, head_dim]
+        indices = None
+        if mask is not None:  # a verification block: ask the policy for this layer's sets
+            qk = (q.float().cpu().numpy(), keys.float().cpu().numpy()) if mask.needs_queries else ()
+            indices = mask.sets_for(self.layer, *qk)
+        if indices is not None:
+            rows = torch.from_numpy(indices).to(q.device)
+            out = sparse_attend(q, self.cache.k, self.cache.v, start, rows)
+        elif scores is not None:  # a draft step: also fold attention into the round's scores
+            out = attend_and_score(q, keys, values, start, scores.buffer[self.layer], scores.aggregation, scores.granularity)
+        else:
+            out = attend(q, keys, values, start)  # [heads, n, head_dim]
         return self.o_proj(out.transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
 
 
@@ -94,15 +125,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, **attention) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, **attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -111,7 +142,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -126,13 +157,24 @@ class Transformer(nn.Module):
         self.rope_cos = angles.cos().to(weight.dtype)
         self.rope_sin = angles.sin().to(weight.dtype)
 
-    def forward(self, tokens: torch.Tensor, start: int, all_logits: bool) -> torch.Tensor:
-        """Logits for `tokens` [n] placed at positions start..start+n: [n, vocab], or [1, vocab]."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: int,
+        all_logits: bool,
+        mask: VerificationMask | None = None,
+        scores: ScoreCollection | None = None,
+    ) -> torch.Tensor:
+        """Logits for `tokens` [n] placed at positions start..start+n: [n, vocab], or [1, vocab].
+
+        With `mask`, the tokens are a verification block and each layer reads the sets the mask
+        policy gives it; with `scores`, the attention probabilities are folded into them.
+        """
         end = start + tokens.shape[0]
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, start)
+            x = layer(x, cos, sin, start, mask=mask, scores=scores)
         x = self.norm(x if all_logits else x[-1:])
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head)

@@ -8,9 +8,11 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from sts_edge.backends.mlx.attention import ScoreCollection
 from sts_edge.backends.mlx.model import KVCache, Transformer
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
+from sts_edge.mask import VerificationMask, units
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -30,22 +32,38 @@ class MLXCausalLM:
         c = model.config
         self.caches = [KVCache(c.num_key_value_heads, capacity, c.head_dim, dtype) for _ in range(c.num_hidden_layers)]
         self._length = 0
+        self._scores: ScoreCollection | None = None  # set while a draft round collects scores
 
     @property
     def length(self) -> int:
         return self._length
 
-    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], all_logits: bool = False, mask: VerificationMask | None = None) -> np.ndarray:
         start, n = self._length, len(tokens)
         if n == 0:
             raise ValueError("forward needs at least one token")
         if start + n > self.capacity:
             raise ValueError(f"{start + n} positions exceed the KV cache capacity {self.capacity}")
-        logits = self.model(mx.array(list(tokens), dtype=mx.int32), self.caches, start, all_logits)
-        # Evaluate the cache writes with the logits so the lazy graph never outlives one step.
-        mx.eval(logits, [(c.keys, c.values) for c in self.caches])
+        if mask is not None and mask.context != start:
+            raise ValueError(f"the mask indexes a context of {mask.context} tokens but {start} are committed")
+        ids = mx.array(list(tokens), dtype=mx.int32)
+        logits = self.model(ids, self.caches, start, all_logits, mask=mask, scores=self._scores)
+        # Evaluate the cache (and score) writes with the logits so the lazy graph never outlives one step.
+        mx.eval(logits, [(c.keys, c.values) for c in self.caches], self._scores.buffer if self._scores else [])
         self._length = start + n
         return np.array(logits.astype(mx.float32))
+
+    def start_scores(self, granularity: str, aggregation: str) -> None:
+        """Begin a round: zero the running scores and fold every forward's attention into them."""
+        shape = (self.config.num_hidden_layers, units(self.config, granularity), self.capacity)
+        self._scores = ScoreCollection(mx.zeros(shape, dtype=mx.float32), aggregation, granularity)
+
+    def read_scores(self, context: int) -> np.ndarray:
+        """End a round: the scores [layers, units, context] of the first `context` positions."""
+        if self._scores is None:
+            raise RuntimeError("read_scores without start_scores")
+        scores, self._scores = self._scores, None
+        return np.array(scores.buffer[:, :, :context])
 
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self._length:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from sts_edge.backends.mlx.attention import ScoreCollection, attend, attend_and_score, sparse_attend
 from sts_edge.config import ModelConfig
+from sts_edge.mask import VerificationMask
 
 
 class KVCache:
@@ -30,14 +33,10 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
-def causal_block_mask(start: int, n: int) -> mx.array:
-    """[n, start + n] bool: query i (at position start + i) sees keys 0..start + i."""
-    return mx.arange(start + n)[None, :] <= mx.arange(start, start + n)[:, None]
-
-
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.scale = self.head_dim**-0.5
         hidden, bias = config.hidden_size, config.attention_bias
@@ -51,7 +50,14 @@ class Attention(nn.Module):
         # mx.fast.rope takes rotation periods (1 / inverse frequency), llama3 scaling included.
         self._rope_periods = mx.array(1.0 / config.rope_inv_freq(), dtype=mx.float32)
 
-    def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        cache: KVCache,
+        start: int,
+        mask: VerificationMask | None = None,
+        scores: ScoreCollection | None = None,
+    ) -> mx.array:
         n = x.shape[1]
         q = self.q_proj(x).reshape(1, n, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(1, n, self.n_kv_heads, self.head_dim)
@@ -62,8 +68,16 @@ class Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self._rope_periods)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self._rope_periods)
         keys, values = cache.write(start, k, v)
-        mask = None if n == 1 else causal_block_mask(start, n)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        indices = None
+        if mask is not None:  # a verification block: ask the policy for this layer's sets
+            qk = (np.array(q[0].astype(mx.float32)), np.array(keys[0].astype(mx.float32))) if mask.needs_queries else ()
+            indices = mask.sets_for(self.layer, *qk)
+        if indices is not None:
+            out = sparse_attend(q, cache.keys, cache.values, start, mx.array(indices), self.scale)
+        elif scores is not None:  # a draft step: also fold attention into the round's scores
+            out = attend_and_score(q, keys, values, start, self.scale, scores, self.layer)
+        else:
+            out = attend(q, keys, values, start, self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, n, -1))
 
 
@@ -79,15 +93,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.mlp = MLP(config)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), cache, start)
+    def __call__(self, x: mx.array, cache: KVCache, start: int, **attention) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), cache, start, **attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -96,16 +110,28 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [Block(config) for _ in range(config.num_hidden_layers)]
+        self.layers = [Block(config, i) for i in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, caches: list[KVCache], start: int, all_logits: bool) -> mx.array:
-        """Logits for `tokens` [n] placed at positions start..: [n, vocab], or [1, vocab]."""
+    def __call__(
+        self,
+        tokens: mx.array,
+        caches: list[KVCache],
+        start: int,
+        all_logits: bool,
+        mask: VerificationMask | None = None,
+        scores: ScoreCollection | None = None,
+    ) -> mx.array:
+        """Logits for `tokens` [n] placed at positions start..: [n, vocab], or [1, vocab].
+
+        With `mask`, the tokens are a verification block and each layer reads the sets the mask
+        policy gives it; with `scores`, the attention probabilities are folded into them.
+        """
         x = self.embed_tokens(tokens[None])
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, cache, start)
+            x = layer(x, cache, start, mask=mask, scores=scores)
         x = self.norm(x if all_logits else x[:, -1:])
         logits = self.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
         return logits[0]
