@@ -112,7 +112,7 @@ def calibrate(
 ) -> dict:
     """Layer and head maps for both granularities, from `tokens` run through both models."""
     first = max(top_k * 2, len(tokens) // (probes + 1))
-    points = np.linspace(first, len(tokens) - block, probes).astype(int)
+    points = [int(p) for p in np.linspace(first, len(tokens) - block, probes)]
     if len(tokens) < first + block:
         raise ValueError(f"the calibration text has {len(tokens)} tokens; need at least {first + block} for top_k={top_k}")
     t_cfg, d_cfg = target.config, draft.config

@@ -142,6 +142,13 @@ def quest_scores(q: np.ndarray, keys: np.ndarray, context: int, granularity: str
     return np.repeat(per_unit, page_size, axis=-1)[:, :context]
 
 
+def attention_recall(mass: np.ndarray, sets: np.ndarray | None) -> tuple[float, float]:
+    """(mass inside the sets, total mass) of attention mass [units, context]; None means all."""
+    total = float(mass.sum())
+    inside = total if sets is None else float(np.take_along_axis(mass, sets, axis=-1).sum())
+    return inside, total
+
+
 @dataclass
 class LayerHeadMap:
     """Which draft layer and draft head stand in for each target layer and head."""

@@ -99,3 +99,20 @@ def test_generate_cli(model_dirs, draft_dir):
     assert "acceptance" in result.stderr and "tok/s" in result.stderr
     expected = load(model_dirs["llama3"], backend="torch-cpu").generate([{"role": "user", "content": "Hello"}], max_tokens=8).text
     assert result.stdout.rstrip("\n") == expected
+
+
+def test_generate_cli_reports_sparsity(model_dirs, draft_dir):
+    prompt = "The old lighthouse stood at the edge of the harbour. " * 12
+    result = subprocess.run(
+        [sys.executable, "-m", "sts_edge.generate", "--model", str(model_dirs["llama3"]), "--draft", str(draft_dir),
+         "--prompt", prompt, "--raw", "--max-tokens", "6", "--backend", "mlx", "--policy", "sts", "--budget", "10%",
+         "--sink", "2", "--window", "8", "--gamma", "3", "--calibration", "none"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sparsity" in result.stderr and "gamma 3" in result.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "sts_edge.generate", "--model", str(model_dirs["llama3"]), "--prompt", "x", "--budget", "lots"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode != 0 and "budget must be" in bad.stderr

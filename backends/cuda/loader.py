@@ -67,7 +67,7 @@ class TorchCausalLM:
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self._length:
             raise ValueError(f"cannot roll back to {length}: {self._length} positions are committed")
-        self._length = length
+        self._length = int(length)
 
 
 def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> TorchCausalLM:

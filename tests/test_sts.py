@@ -1,0 +1,326 @@
+"""STS: draft scores, index sets, sparse verification, recall, policies and their errors."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from sts_edge import load
+from sts_edge.backend import load_model
+from sts_edge.mask import (
+    LayerHeadMap,
+    MaskPolicy,
+    MaskPolicyError,
+    VerificationMask,
+    attention_recall,
+    group_attention,
+    quest_scores,
+    select_indices,
+)
+from sts_edge.sampling import SamplingParams
+from sts_edge.speculative import GenerationStats, generate_tokens
+
+BACKENDS = ["torch-cpu", "mlx"]
+POLICY_NAMES = ["sts", "oracle", "streaming", "quest"]
+
+
+# --- numpy references, written independently of the code under test ---------------------------
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def masked_attention_reference(q, cache_k, cache_v, start, indices):
+    """Full attention over every cache row with -inf outside (set + causal block), per query head."""
+    heads, n, d = q.shape
+    kv_heads = cache_k.shape[0]
+    units = indices.shape[0]
+    out = np.zeros_like(q, dtype=np.float64)
+    for h in range(heads):
+        kv = h // (heads // kv_heads)
+        unit = h if units == heads else kv
+        allowed = np.zeros((n, start + n), dtype=bool)
+        allowed[:, indices[unit]] = True
+        allowed[:, start:] = np.tril(np.ones((n, n), dtype=bool))
+        logits = q[h] @ cache_k[kv, : start + n].T / np.sqrt(d)
+        probs = softmax(np.where(allowed, logits, -np.inf))
+        out[h] = probs @ cache_v[kv, : start + n]
+    return out
+
+
+def draft_scores_reference(q, keys, start, granularity, aggregation):
+    """Per-unit scores of one call: max/sum over queries (and group heads) of causal softmax probs."""
+    heads, n, d = q.shape
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    causal = np.arange(length)[None, :] <= (start + np.arange(n))[:, None]
+    probs = np.stack([softmax(np.where(causal, q[h] @ keys[h // (heads // kv_heads)].T / np.sqrt(d), -np.inf)) for h in range(heads)])
+    if granularity == "kv":
+        probs = probs.reshape(kv_heads, heads // kv_heads * n, length)
+    reduce = np.max if aggregation == "max" else np.sum
+    return reduce(probs, axis=1)
+
+
+def random_sets(rng, units, context, kept):
+    return np.sort(np.stack([rng.choice(context, kept, replace=False) for _ in range(units)]), axis=-1)
+
+
+# --- backend attention paths against the references ------------------------------------------
+
+
+def run_sparse_attend(backend, q, cache_k, cache_v, start, indices):
+    if backend == "torch-cpu":
+        import torch
+
+        from sts_edge.backends.cuda.attention import sparse_attend
+
+        t = lambda a: torch.from_numpy(a)  # noqa: E731
+        return sparse_attend(t(q), t(cache_k), t(cache_v), start, t(indices)).numpy()
+    import mlx.core as mx
+
+    from sts_edge.backends.mlx.attention import sparse_attend
+
+    m = lambda a: mx.array(a)  # noqa: E731
+    out = sparse_attend(m(q)[None], m(cache_k)[None], m(cache_v)[None], start, m(indices), q.shape[-1] ** -0.5)
+    return np.array(out[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("gamma", range(1, 9))
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+def test_sparse_verification_equals_masked_dense_attention(backend, group, gamma, granularity):
+    rng = np.random.default_rng(gamma * 10 + group)
+    kv_heads, head_dim, capacity, start = 2, 16, 96, 70
+    heads, n = kv_heads * group, gamma + 1
+    q = rng.normal(size=(heads, n, head_dim)).astype(np.float32)
+    cache_k = rng.normal(size=(kv_heads, capacity, head_dim)).astype(np.float32)
+    cache_v = rng.normal(size=(kv_heads, capacity, head_dim)).astype(np.float32)
+    units = kv_heads if granularity == "kv" else heads
+    indices = random_sets(rng, units, start, 11)
+    got = run_sparse_attend(backend, q, cache_k, cache_v, start, indices)
+    expected = masked_attention_reference(q, cache_k, cache_v, start, indices)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_path_with_every_row_equals_dense(backend):
+    """Sets that hold the whole context turn the gather path into plain causal attention."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(8, 5, 16)).astype(np.float32)
+    cache_k = rng.normal(size=(2, 64, 16)).astype(np.float32)
+    cache_v = rng.normal(size=(2, 64, 16)).astype(np.float32)
+    everything = np.tile(np.arange(40), (2, 1))
+    got = run_sparse_attend(backend, q, cache_k, cache_v, 40, everything)
+    causal_reference = masked_attention_reference(q, cache_k, cache_v, 40, everything)
+    np.testing.assert_allclose(got, causal_reference, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def eager_attention(model_dirs):
+    """transformers' own attention probabilities for the qwen3 fixture (4 query heads, 1 KV head)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dirs["qwen3"], dtype=torch.float32, attn_implementation="eager").eval()
+    ids = np.random.default_rng(1).integers(0, 320, 34).tolist()
+    with torch.no_grad():
+        attentions = hf(torch.tensor([ids]), output_attentions=True).attentions
+    return ids, np.stack([a[0].numpy() for a in attentions])  # [layers, heads, query, key]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+@pytest.mark.parametrize("aggregation", ["max", "sum"])
+def test_draft_attention_scores_match_transformers_probabilities(backend, granularity, aggregation, model_dirs, eager_attention):
+    """A round's score buffer is the max (or sum) of the attention probabilities of its queries."""
+    ids, probs = eager_attention
+    draft = load_model(model_dirs["qwen3"], backend, max_seq_len=64)
+    draft.forward(ids[:30])
+    draft.start_scores(granularity, aggregation)
+    for call in ([30, 32], [32, 33], [33, 34]):  # a catch-up pair, then single proposals, as in a round
+        draft.forward(ids[call[0] : call[1]])
+    got = draft.read_scores(34)
+    round_probs = probs[:, :, 30:34, :]  # [layers, heads, round queries, keys]
+    if granularity == "kv":  # one KV head: the unit pools all four query heads
+        round_probs = round_probs.reshape(probs.shape[0], 1, -1, 34)
+    expected = round_probs.max(axis=2) if aggregation == "max" else round_probs.sum(axis=2)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    draft.start_scores(granularity, aggregation)  # a new round starts from zero
+    assert not draft.read_scores(34).any()
+
+
+# --- index sets --------------------------------------------------------------------------------
+
+
+def check_sets(sets, context, policy):
+    keep = min(policy.budget_tokens(context) + policy.sink + policy.window, context)
+    assert sets.shape[1] == keep
+    assert sets.dtype.kind == "i"
+    for row in sets:
+        assert np.all(np.diff(row) > 0), "sorted and unique"
+        assert row[0] >= 0 and row[-1] < context
+        assert set(range(min(policy.sink, context))) <= set(row.tolist())
+        assert set(range(max(0, context - policy.window), context)) <= set(row.tolist())
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+@pytest.mark.parametrize("context,budget,sink,window", [(200, 16, 4, 8), (200, 0.1, 0, 0), (57, 30, 3, 20), (300, 1, 1, 1)])
+def test_index_sets_are_valid(name, granularity, context, budget, sink, window):
+    rng = np.random.default_rng(context)
+    policy = MaskPolicy(name, budget=budget, sink=sink, window=window, granularity=granularity)
+    kv_heads, heads, n, d = 2, 8, 5, 16
+    units = kv_heads if granularity == "kv" else heads
+    mapping = LayerHeadMap(np.array([0, 0]), np.tile(np.arange(units) % units, (2, 1)))
+    draft_scores = rng.random((1, units, context))
+    mask = VerificationMask(policy, context, units, mapping, draft_scores)
+    q = rng.normal(size=(heads, n, d))
+    keys = rng.normal(size=(kv_heads, context + n, d))
+    sets = mask.sets_for(1, q, keys)
+    assert sets.shape[0] == units
+    check_sets(sets, context, policy)
+
+
+def test_selection_takes_the_best_scores():
+    scores = np.array([[0.0, 9, 1, 8, 2, 7, 3, 0]])
+    np.testing.assert_array_equal(select_indices(scores, 4, 1, 1), [[0, 1, 3, 7]])
+    np.testing.assert_array_equal(select_indices(scores, 8, 1, 1), [np.arange(8)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_sets_used_in_real_generation_are_valid(backend, name, model_dirs, draft_dir, monkeypatch):
+    recorded = []
+    original = VerificationMask.sets_for
+
+    def recording(self, layer, q=None, keys=None):
+        sets = original(self, layer, q, keys)
+        recorded.append((sets, self.context, self.policy))
+        return sets
+
+    monkeypatch.setattr(VerificationMask, "sets_for", recording)
+    target = load_model(model_dirs["llama3"], backend, max_seq_len=256)
+    draft = load_model(draft_dir, backend, max_seq_len=256)
+    prompt = np.random.default_rng(4).integers(0, 320, 120).tolist()
+    policy = MaskPolicy(name, budget=24, sink=2, window=8, dense_layers=(0,))
+    stats = GenerationStats()
+    list(generate_tokens(target, prompt, SamplingParams(), 12, draft=draft, gamma=3, stats=stats, policy=policy))
+    sparse = [r for r in recorded if r[0] is not None]
+    assert len(sparse) == 2 * stats.rounds  # layers 1 and 2 of 3, every round
+    for sets, context, used in sparse:
+        check_sets(sets, context, used)
+    # Sparsity counts what was read: layer 0 dense, layers 1-2 the 24 + 2 + 8 = 34 kept rows.
+    contexts = [context for sets, context, _ in sparse[::2]]
+    assert stats.kept_rows == sum(c + 2 * 34 for c in contexts)
+    assert stats.dense_rows == sum(3 * c for c in contexts)
+
+
+# --- equivalence with dense when the budget covers the context ---------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+def test_full_budget_sts_equals_dense(backend, granularity, model_dirs, draft_dir):
+    target = load_model(model_dirs["llama3"], backend, max_seq_len=256)
+    draft = load_model(draft_dir, backend, max_seq_len=256)
+    prompt = np.random.default_rng(5).integers(0, 320, 100).tolist()
+    dense = list(generate_tokens(target, prompt, SamplingParams(), 20, draft=draft, gamma=4))
+    covering = MaskPolicy("sts", budget=200, sink=4, window=16, granularity=granularity)
+    stats = GenerationStats()
+    sts = list(generate_tokens(target, prompt, SamplingParams(), 20, draft=draft, gamma=4, stats=stats, policy=covering))
+    assert sts == dense
+    assert stats.sparsity == 0.0
+    sparse = list(generate_tokens(target, prompt, SamplingParams(), 20, draft=draft, gamma=4,
+                                  policy=dataclasses.replace(covering, budget=8)))
+    assert sparse != dense  # a small budget does change this random model's output: the path is live
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_budget_verification_logits_equal_dense(backend, model_dirs, draft_dir):
+    """Sets covering every context row, forced through the sparse gather path, give dense logits."""
+    target = load_model(model_dirs["qwen2"], backend, max_seq_len=128)
+    prompt = np.random.default_rng(6).integers(0, 320, 60).tolist()
+    block = [11, 12, 13, 14, 15]
+    target.forward(prompt)
+    dense = target.forward(block, all_logits=True)
+    target.rollback(60)
+
+    class EveryRow:
+        context, needs_queries = 60, False
+
+        def sets_for(self, layer, q=None, keys=None):
+            return np.tile(np.arange(60), (2, 1))
+
+    sparse = target.forward(block, all_logits=True, mask=EveryRow())
+    np.testing.assert_allclose(sparse, dense, atol=1e-4)
+
+
+# --- recall --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+@pytest.mark.parametrize("seed", range(5))
+def test_oracle_recall_bounds_every_policy(granularity, seed):
+    rng = np.random.default_rng(seed)
+    kv_heads, heads, n, d, context = 2, 8, 5, 16, 300
+    units = kv_heads if granularity == "kv" else heads
+    q = rng.normal(size=(heads, n, d)) * 1.5
+    keys = rng.normal(size=(kv_heads, context + n, d))
+    mass = group_attention(q, keys, context, granularity)
+    mapping = LayerHeadMap(np.array([0]), np.arange(units)[None])
+    recalls = {}
+    for name in POLICY_NAMES:
+        policy = MaskPolicy(name, budget=32, sink=4, window=16, granularity=granularity)
+        scores = rng.random((1, units, context))
+        sets = VerificationMask(policy, context, units, mapping, scores).sets_for(0, q, keys)
+        inside, total = attention_recall(mass, sets)
+        recalls[name] = inside / total
+    for name, recall in recalls.items():
+        assert recall <= recalls["oracle"] + 1e-12, name
+    assert recalls["oracle"] / recalls["oracle"] == 1.0
+    assert recalls["streaming"] < recalls["oracle"]  # the bound is not trivially tight
+
+    # Planted: the draft's scores are the target's own attention mass -> sts picks the oracle's sets.
+    planted = VerificationMask(MaskPolicy("sts", budget=32, sink=4, window=16, granularity=granularity), context, units, mapping, mass[None])
+    inside, total = attention_recall(mass, planted.sets_for(0, q, keys))
+    assert inside / total == pytest.approx(recalls["oracle"], abs=1e-12)
+
+
+def test_quest_bound_is_an_upper_bound():
+    rng = np.random.default_rng(0)
+    q, keys = rng.normal(size=(4, 3, 8)), rng.normal(size=(2, 40 + 3, 8))
+    bound = quest_scores(q, keys, 40, "query", 16)
+    exact = np.einsum("hnd,kld->hknl", q, keys[:, :40])[np.arange(4), np.arange(4) // 2].max(axis=1)
+    assert np.all(bound >= exact - 1e-9)
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(budget=0), "budget"),
+    (dict(budget=-5), "budget"),
+    (dict(budget=2.5), "budget"),
+    (dict(name="bigbird"), "unknown policy"),
+    (dict(sink=-1), "sink"),
+    (dict(granularity="layer"), "granularity"),
+    (dict(aggregation="mean"), "aggregation"),
+])
+def test_invalid_policy_settings(settings, match):
+    with pytest.raises(MaskPolicyError, match=match):
+        MaskPolicy(**settings)
+
+
+def test_policy_settings_that_do_not_fit_the_model(model_dirs, draft_dir):
+    engine = load(model_dirs["llama3"], draft=draft_dir, backend="torch-cpu", max_seq_len=128)
+    with pytest.raises(MaskPolicyError, match="window"):
+        engine.generate("hello", max_tokens=2, window=500)
+    with pytest.raises(MaskPolicyError, match=r"dense layers \[3\] are outside"):
+        engine.generate("hello", max_tokens=2, dense_layers=[0, 3])
+    with pytest.raises(MaskPolicyError, match="unknown policy"):
+        engine.generate("hello", max_tokens=2, policy="nope")
+    with pytest.raises(ValueError, match="needs|give a draft"):
+        engine.generate("hello", max_tokens=2, use_draft=False, policy="sts")
+    assert engine.generate("hello", max_tokens=2).tokens  # still serving
