@@ -77,7 +77,7 @@ def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: i
     if context + eval_tokens + 1 > len(tokens):
         raise ValueError(f"the text has {len(tokens)} tokens; need context + eval tokens + 1 = {context + eval_tokens + 1}")
     block_len = gamma + 1
-    keys = [(p.name, budget_label(p.budget)) for p in policies]
+    keys = [(p.name, budget_label(p.budget), p.granularity) for p in policies]
     mapping = {g: engine.calibration.get(g) or LayerHeadMap.proportional(target.config, draft.config, g) for g in ("kv", "query")}
     sums = {k: dict(nll=0.0, kl=0.0, top1=0, positions=0, accepted=0, drafted=0, inside=0.0, total=0.0, kept=0, dense=0) for k in keys}
     dense_nll, dense_positions = 0.0, 0
@@ -144,7 +144,7 @@ def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: i
         s = sums[key]
         recall = s["inside"] / s["total"] if s["total"] else 1.0
         if policy.name == "oracle":
-            oracle_recall[key[1]] = recall
+            oracle_recall[key[1:]] = recall
         results.append({
             "policy": policy.name, "budget": key[1], "budget_tokens": policy.budget_tokens(context), "sink": policy.sink,
             "window": policy.window, "granularity": policy.granularity,
@@ -156,7 +156,7 @@ def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: i
             "sparsity": 1 - s["kept"] / s["dense"] if s["dense"] else 0.0,
         })
     for row in results:
-        oracle = oracle_recall.get(row["budget"])
+        oracle = oracle_recall.get((row["budget"], row["granularity"]))
         row["recall_vs_oracle"] = row["recall"] / oracle if oracle else None
     results.append({"policy": "dense-reference", "perplexity": float(np.exp(dense_nll / dense_positions))})
     return results
@@ -172,11 +172,14 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     # Budgets sit at their token counts (fractions resolved at the evaluated context), on a log axis.
     ticks = {r["budget_tokens"]: r["budget"] for r in rows}
     fig, (ax_recall, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(r["policy"] for r in rows):
-        mine = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["budget_tokens"])
+    both = len({r["granularity"] for r in rows}) > 1
+    for name, granularity in dict.fromkeys((r["policy"], r["granularity"]) for r in rows):
+        mine = sorted((r for r in rows if (r["policy"], r["granularity"]) == (name, granularity)), key=lambda r: r["budget_tokens"])
         xs = [r["budget_tokens"] for r in mine]
-        ax_recall.plot(xs, [r["recall"] for r in mine], marker="o", label=name)
-        ax_ppl.plot(xs, [r["perplexity"] for r in mine], marker="o", label=name)
+        label = f"{name} ({granularity} sets)" if both else name
+        style = "--" if both and granularity == "query" else "-"
+        ax_recall.plot(xs, [r["recall"] for r in mine], marker="o", linestyle=style, label=label)
+        ax_ppl.plot(xs, [r["perplexity"] for r in mine], marker="o", linestyle=style, label=label)
     dense_ppl = next(r["perplexity"] for r in results if r["policy"] == "dense-reference")
     ax_ppl.axhline(dense_ppl, color="black", linestyle="--", linewidth=1, label="dense")
     for ax, label in ((ax_recall, "attention mass recall"), (ax_ppl, "perplexity")):
@@ -186,7 +189,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("budget: scored tokens per set (plus sink and window)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="256,512,1024,10%", help="comma-separated token counts or fractions")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--granularity", choices=["kv", "query"], default="kv")
+    parser.add_argument("--granularity", default="kv", help="kv, query, or kv,query to compare one set per KV head with one per query head")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--calibration", default="auto", help="'auto', a file, or 'none'")
     parser.add_argument("--out", default="eval_quality.json", help="JSON output; the plot goes beside it as .png")
@@ -224,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.policies.split(",") if n]
     if "oracle" not in names:
         names.append("oracle")  # the reference for recall_vs_oracle
-    policies = [MaskPolicy(n, budget=b, sink=args.sink, window=args.window, granularity=args.granularity) for n in names for b in budgets]
+    granularities = args.granularity.split(",")
+    policies = [MaskPolicy(n, budget=b, sink=args.sink, window=args.window, granularity=g)
+                for g in granularities for n in names for b in budgets if not (n == "dense" and g != granularities[0])]
     results = evaluate(engine, tokens, args.context, args.eval_tokens, args.gamma, policies)
 
     out = Path(args.out)
@@ -239,13 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.write_text(json.dumps(record, indent=1))
     plot(results, out.with_suffix(".png"), f"{Path(args.model).name} / draft {Path(args.draft).name}, {args.context} context")
-    print(f"{'policy':<10} {'budget':>7} {'recall':>7} {'vs oracle':>9} {'top1':>6} {'KL':>8} {'ppl':>9} {'accept':>7} {'sparsity':>8}")
+    print(f"{'policy':<10} {'sets':>5} {'budget':>7} {'recall':>7} {'vs oracle':>9} {'top1':>6} {'KL':>8} {'ppl':>9} {'accept':>7} {'sparsity':>8}")
     for r in results:
         if r["policy"] == "dense-reference":
             print(f"dense perplexity {r['perplexity']:.3f}")
             continue
         vs = f"{r['recall_vs_oracle']:.3f}" if r["recall_vs_oracle"] is not None else "-"
-        print(f"{r['policy']:<10} {r['budget']:>7} {r['recall']:>7.3f} {vs:>9} {r['top1_agreement']:>6.3f} {r['kl']:>8.4f} "
+        print(f"{r['policy']:<10} {r['granularity']:>5} {r['budget']:>7} {r['recall']:>7.3f} {vs:>9} {r['top1_agreement']:>6.3f} {r['kl']:>8.4f} "
               f"{r['perplexity']:>9.3f} {r['acceptance']:>7.3f} {r['sparsity']:>8.1%}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

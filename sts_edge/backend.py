@@ -67,6 +67,16 @@ class CausalLM(Protocol):
         ...
 
 
+def check_forward(start: int, n: int, capacity: int, mask: VerificationMask | None) -> None:
+    """What every backend's forward checks before touching the cache."""
+    if n == 0:
+        raise ValueError("forward needs at least one token")
+    if start + n > capacity:
+        raise ValueError(f"{start + n} positions exceed the KV cache capacity {capacity}")
+    if mask is not None and mask.context != start:
+        raise ValueError(f"the mask indexes a context of {mask.context} tokens but {start} are committed")
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 

@@ -19,7 +19,7 @@ def test_eval_quality_writes_consistent_results(backend, model_dirs, draft_dir, 
     out = tmp_path / "out" / "quality.json"
     argv = ["eval_quality.py", "--model", str(model_dirs["llama3"]), "--draft", str(draft_dir), "--text", str(text),
             "--context", "300", "--eval-tokens", "40", "--budgets", "16,48,10%", "--sink", "2", "--window", "8",
-            "--policies", "dense,sts,streaming,quest", "--backend", backend, "--calibration", "none", "--out", str(out)]
+            "--policies", "dense,sts,streaming,quest", "--granularity", "kv,query", "--backend", backend, "--calibration", "none", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(SCRIPT), run_name="__main__")
@@ -27,13 +27,14 @@ def test_eval_quality_writes_consistent_results(backend, model_dirs, draft_dir, 
     record = json.loads(out.read_text())
     rows = [r for r in record["results"] if r["policy"] != "dense-reference"]
     assert {r["policy"] for r in rows} == {"dense", "sts", "streaming", "quest", "oracle"}
-    oracle = {r["budget"]: r["recall"] for r in rows if r["policy"] == "oracle"}
+    oracle = {(r["budget"], r["granularity"]): r["recall"] for r in rows if r["policy"] == "oracle"}
+    assert len(oracle) == 6  # three budgets, both granularities
     for r in rows:
         assert 0 <= r["top1_agreement"] <= 1 and r["kl"] >= -1e-9 and r["perplexity"] > 1
         if r["policy"] == "dense":
             assert r["top1_agreement"] == 1 and abs(r["kl"]) < 1e-9 and r["sparsity"] == 0
             continue
-        assert r["recall"] <= oracle[r["budget"]] + 1e-9
+        assert r["recall"] <= oracle[r["budget"], r["granularity"]] + 1e-9
         assert r["sparsity"] > 0.5
     assert all(r["recall_vs_oracle"] == 1.0 for r in rows if r["policy"] == "oracle")
     dense_ppl = next(r["perplexity"] for r in record["results"] if r["policy"] == "dense-reference")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from sts_edge.backends.cuda.model import ScoreCollection, Transformer
+from sts_edge.backend import check_forward
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationMask, units
@@ -37,12 +38,7 @@ class TorchCausalLM:
     @torch.inference_mode()
     def forward(self, tokens: Sequence[int], all_logits: bool = False, mask: VerificationMask | None = None) -> np.ndarray:
         start, n = self._length, len(tokens)
-        if n == 0:
-            raise ValueError("forward needs at least one token")
-        if start + n > self.capacity:
-            raise ValueError(f"{start + n} positions exceed the KV cache capacity {self.capacity}")
-        if mask is not None and mask.context != start:
-            raise ValueError(f"the mask indexes a context of {mask.context} tokens but {start} are committed")
+        check_forward(start, n, self.capacity, mask)
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         logits = self.model(ids, start, all_logits, mask=mask, scores=self._scores)
         self._length = start + n

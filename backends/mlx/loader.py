@@ -10,6 +10,7 @@ import numpy as np
 
 from sts_edge.backends.mlx.attention import ScoreCollection
 from sts_edge.backends.mlx.model import KVCache, Transformer
+from sts_edge.backend import check_forward
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationMask, units
@@ -40,12 +41,7 @@ class MLXCausalLM:
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False, mask: VerificationMask | None = None) -> np.ndarray:
         start, n = self._length, len(tokens)
-        if n == 0:
-            raise ValueError("forward needs at least one token")
-        if start + n > self.capacity:
-            raise ValueError(f"{start + n} positions exceed the KV cache capacity {self.capacity}")
-        if mask is not None and mask.context != start:
-            raise ValueError(f"the mask indexes a context of {mask.context} tokens but {start} are committed")
+        check_forward(start, n, self.capacity, mask)
         ids = mx.array(list(tokens), dtype=mx.int32)
         logits = self.model(ids, self.caches, start, all_logits, mask=mask, scores=self._scores)
         # Evaluate the cache (and score) writes with the logits so the lazy graph never outlives one step.
