@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from sts_edge.backend import CausalLM, load_model, resolve_backend
 from sts_edge.config import ModelConfig
 from sts_edge.errors import IncompatibleModelsError, ModelLoadError
 from sts_edge.mask import LayerHeadMap, MaskPolicy
+from sts_edge.models import resolve_model
 from sts_edge.sampling import SamplingParams
 from sts_edge.speculative import GenerationStats, generate_tokens
 from sts_edge.tokenizer import Tokenizer
@@ -72,6 +74,7 @@ class Engine:
         self.policy.check_model(target.config, target.capacity)
         self.calibration = calibration or {}
         self._busy = threading.Lock()
+        self._cache_tokens: list[int] = []  # tokens behind the KV caches, for prefix reuse
 
     def resolve_policy(self, use_draft: bool, policy: str | MaskPolicy | None = None, **overrides: Any) -> MaskPolicy:
         """The engine's policy with a call's overrides (a name or a MaskPolicy, and single settings)."""
@@ -107,6 +110,7 @@ class Engine:
         gamma: int = 4,
         use_draft: bool = True,
         stats: GenerationStats | None = None,
+        reuse_cache: bool = False,
         policy: str | MaskPolicy | None = None,
         **policy_options: Any,
     ) -> Iterator[int]:
@@ -114,7 +118,8 @@ class Engine:
 
         `policy` ("dense", "sts", "oracle", "streaming", "quest" or a MaskPolicy) and the
         policy options (budget, sink, window, dense_layers, aggregation, granularity) override
-        the engine's default policy for this call.
+        the engine's default policy for this call. `reuse_cache` keeps the KV of the prompt's
+        prefix shared with the previous call (what `chat` does across turns).
         """
         ids = list(prompt) if prompt and all(isinstance(t, int) for t in prompt) else self.encode(prompt)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -124,27 +129,76 @@ class Engine:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this engine is already generating; run one request at a time (or load another engine)")
         try:
+            if not reuse_cache:
+                self._cache_tokens.clear()
             yield from generate_tokens(
                 self.target, ids, params, max_tokens, self.tokenizer.eos_token_ids, draft=draft, gamma=gamma,
-                stats=stats, policy=mask_policy, mapping=mapping,
+                stats=stats, policy=mask_policy, mapping=mapping, cache_tokens=self._cache_tokens,
             )
         finally:
             self._busy.release()
 
-    def stream(self, prompt: Prompt, **options: Any) -> Iterator[str]:
-        """Yield text pieces as they are generated (end-of-sequence tokens are not shown)."""
+    def stream(self, prompt: Prompt, *, stop: str | Sequence[str] | None = None, tokens: list[int] | None = None,
+               **options: Any) -> Iterator[str]:
+        """Yield text pieces as they are generated; options as in `stream_tokens`.
+
+        End-of-sequence tokens are not shown. Generation ends at the first `stop` string, which
+        is not shown either (text that might begin one is held back until it is clear). `tokens`,
+        if given, collects the generated ids.
+        """
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        hold = max((len(s) for s in stops), default=1) - 1
         detokenizer = self.tokenizer.detokenizer()
-        for token in self.stream_tokens(prompt, **options):
-            if token not in self.tokenizer.eos_token_ids:
-                yield detokenizer.add(token)
-        yield detokenizer.flush()
+        text, sent = "", 0
+        generator = self.stream_tokens(prompt, **options)
+        try:
+            for token in generator:
+                if tokens is not None:
+                    tokens.append(token)
+                if token in self.tokenizer.eos_token_ids:
+                    continue
+                text += detokenizer.add(token)
+                hits = [i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0]
+                if hits:
+                    yield text[sent : min(hits)]
+                    stats = options.get("stats")
+                    if stats is not None:
+                        stats.finish_reason = "stop"
+                    return
+                if len(text) - hold > sent:
+                    yield text[sent : len(text) - hold]
+                    sent = len(text) - hold
+            text += detokenizer.flush()
+            yield text[sent:]
+        finally:
+            generator.close()
 
     def generate(self, prompt: Prompt, **options: Any) -> Generation:
-        """Generate a whole answer; options as in `stream_tokens`."""
-        stats = options.pop("stats", None) or GenerationStats()
-        tokens = list(self.stream_tokens(prompt, stats=stats, **options))
-        shown = [t for t in tokens if t not in self.tokenizer.eos_token_ids]
-        return Generation(self.tokenizer.decode(shown), tokens, stats)
+        """Generate a whole answer; options as in `stream` and `stream_tokens`."""
+        options.setdefault("stats", GenerationStats())
+        tokens: list[int] = []
+        text = "".join(self.stream(prompt, tokens=tokens, **options))
+        return Generation(text, tokens, options["stats"])
+
+    def chat(self, messages: Sequence[dict[str, Any]], **options: Any) -> Generation:
+        """Answer the last message of a conversation, reusing the KV cache of the turns before."""
+        return self.generate(messages, reuse_cache=True, **options)
+
+    def peak_memory(self) -> int:
+        """Peak memory in bytes: device memory on a GPU, the process's resident set on a CPU."""
+        if self.backend == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated()
+        if self.backend == "mlx":
+            import mlx.core as mx
+
+            if mx.metal.is_available():
+                return mx.get_peak_memory()
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def load(
@@ -156,8 +210,14 @@ def load(
     dtype: str | None = None,
     policy: MaskPolicy | None = None,
     calibration: str | Path | None = "auto",
+    quantized: bool = False,
+    offline: bool | None = None,
 ) -> Engine:
-    """Load a target model directory and optionally a draft model directory for speculation.
+    """Load a target and optionally a draft for speculation.
+
+    Each is a model directory, an alias (`llama-8b`, see `sts_edge.models.ALIASES`) or a Hugging
+    Face repo id, downloaded into the hub cache on first use (`quantized` prefers an alias's 4-bit
+    variant; `offline`, default HF_HUB_OFFLINE, never touches the network).
 
     Configs and tokenizers of both are checked before any weights are read, so a wrong pair fails
     in milliseconds rather than after loading gigabytes. `policy` is the default mask policy
@@ -166,6 +226,8 @@ def load(
     the pair, None ignores calibration.
     """
     backend = resolve_backend(backend)
+    model = resolve_model(model, quantized=quantized, offline=offline)
+    draft = resolve_model(draft, quantized=quantized, offline=offline) if draft is not None else None
     configs = {model: ModelConfig.from_model_dir(model)}
     tokenizer = Tokenizer(model)
     if draft is not None:

@@ -38,6 +38,7 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory 
 class GenerationStats:
     gamma: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous call
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     decode_seconds: float = 0.0
@@ -71,8 +72,10 @@ class GenerationStats:
         return tokens / seconds if seconds > 0 else 0.0
 
     def summary(self) -> str:
+        prefilled = self.prompt_tokens - self.cached_tokens
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         parts = [
-            f"prompt {self.prompt_tokens} tok {self.rate(self.prompt_tokens, self.prompt_seconds):.1f} tok/s",
+            f"prompt {self.prompt_tokens} tok{cached} {self.rate(prefilled, self.prompt_seconds):.1f} tok/s",
             f"generated {self.generated_tokens} tok {self.rate(self.generated_tokens, self.decode_seconds):.1f} tok/s",
         ]
         if self.gamma:
@@ -102,6 +105,15 @@ def prefill(model: CausalLM, tokens: Sequence[int]) -> np.ndarray:
         logits = model.forward(tokens[start : start + PREFILL_CHUNK])
     assert logits is not None, "prefill of an empty prompt"
     return logits
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def residual_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -153,14 +165,20 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     policy: MaskPolicy | None = None,
     mapping: LayerHeadMap | None = None,
+    cache_tokens: list[int] | None = None,
     accept: Callable[..., tuple[int, int]] = accept_drafts,
 ) -> Iterator[int]:
     """Yield generated token ids, with speculative decoding when a draft is given.
 
     `policy` makes verification sparse (None or "dense": every layer reads the whole context);
     `mapping` says which draft layer and head stand for each target layer and head (sts only;
-    proportional when None). Both models' caches are reset to empty first. `stats` (if given)
-    is filled in as tokens flow; `accept` exists so tests can prove a wrong rule is caught.
+    proportional when None). `stats` (if given) is filled in as tokens flow; `accept` exists so
+    tests can prove a wrong rule is caught.
+
+    `cache_tokens` enables prefix reuse across calls (multi-turn chat): it lists the tokens behind
+    both caches (each cache holds a prefix of them); the part of the prompt it shares is not
+    prefilled again, and it is updated to the new sequence when generation ends. Without it the
+    caches start empty.
     """
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
@@ -179,22 +197,31 @@ def generate_tokens(
             mapping = LayerHeadMap.proportional(target.config, draft.config, policy.granularity)
     sparse = Sparsity(policy, mapping) if policy is not None else None
     lookahead = gamma + 1
-    for model in (target, draft) if draft is not None else (target,):
+    models = (target, draft) if draft is not None else (target,)
+    for model in models:
         check_fits(model, len(prompt), lookahead)
-        model.rollback(0)
+    # Keep the cached prefix the prompt shares, but prefill at least one token for its logits.
+    keep = min(_common_prefix(cache_tokens, prompt), len(prompt) - 1) if cache_tokens else 0
+    for model in models:
+        model.rollback(min(model.length, keep))
     stats = stats if stats is not None else GenerationStats()
-    stats.gamma, stats.prompt_tokens = gamma, len(prompt)
+    stats.gamma, stats.prompt_tokens, stats.cached_tokens = gamma, len(prompt), target.length
     stats.accepted_histogram = [0] * (gamma + 1)
     rng = params.rng()
     capacity = min(target.capacity, draft.capacity) if draft is not None else target.capacity
 
     start = time.perf_counter()
-    logits = prefill(target, prompt)
-    if draft is not None:
-        prefill(draft, prompt)
-    stats.prompt_seconds = time.perf_counter() - start
     sequence = list(prompt)
+    if cache_tokens is not None:
+        cache_tokens[:] = sequence[:keep]  # what the caches are known to hold if we stop early
+    logits = prefill(target, prompt[target.length :])
+    if draft is not None:
+        prefill(draft, prompt[draft.length :])
+    stats.prompt_seconds = time.perf_counter() - start
     sequence.append(sample(probabilities(logits, params)[0], rng))
+    if cache_tokens is not None:
+        cache_tokens[:] = sequence
+        sequence = cache_tokens  # one list: the caches' record follows every committed token
     decode_start = time.perf_counter()
 
     def emit(token: int) -> bool:
