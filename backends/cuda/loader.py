@@ -13,6 +13,7 @@ from sts_edge.backend import check_forward
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationMask, units
+from sts_edge.quantization import dequantize, module_settings
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,11 +80,13 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
 
     state: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(model_dir):
-        for name, tensor in load_file(str(path), device=str(torch_device)).items():
+        for name, tensor in load_file(str(path)).items():
             mapped = internal_name(name, config)
             if mapped is not None:
-                state[mapped] = tensor.to(torch_dtype)
+                state[mapped] = tensor
+    _dequantize_in_place(state, config)
     check_complete(set(state), config, model_dir)
+    state = {name: tensor.to(device=torch_device, dtype=torch_dtype) for name, tensor in state.items()}
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -92,3 +95,15 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
     except RuntimeError as err:  # shape mismatches: config.json and weights disagree
         raise ModelLoadError(f"{model_dir}: weights do not match config.json: {err}") from None
     return TorchCausalLM(model.eval(), max_seq_len)
+
+
+def _dequantize_in_place(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Replace each quantized `X.weight` (with `X.scales`, `X.biases`) by its decoded float weight."""
+    for scales_name in [name for name in state if name.endswith(".scales")]:
+        module = scales_name.removesuffix(".scales")
+        settings = module_settings(config.extra, module)
+        if settings is None:
+            raise ModelLoadError(f"{module} is quantized but config.json has no 'quantization' block")
+        packed, scales, biases = state.pop(module + ".weight"), state.pop(scales_name), state.pop(module + ".biases")
+        decoded = dequantize(packed.numpy(), scales.float().numpy(), biases.float().numpy(), *settings)
+        state[module + ".weight"] = torch.from_numpy(decoded)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from sts_edge.backends.mlx.attention import ScoreCollection
@@ -14,6 +15,7 @@ from sts_edge.backend import check_forward
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationMask, units
+from sts_edge.quantization import module_settings
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -79,11 +81,20 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
     for path in checkpoint_files(model_dir):
         for name, array in mx.load(str(path)).items():
             mapped = internal_name(name, config)
-            if mapped is not None:
-                weights[mapped] = array.astype(mlx_dtype)
+            if mapped is not None:  # packed uint32 quantized weights keep their type
+                weights[mapped] = array.astype(mlx_dtype) if mx.issubdtype(array.dtype, mx.floating) else array
     check_complete(set(weights), config, model_dir)
 
     model = Transformer(config)
+    if config.extra.get("quantization"):
+        # Swap in quantized layers where the checkpoint has scales (mlx-lm's convention).
+        def quantized_here(path: str, module: nn.Module) -> bool | dict:
+            if f"{path}.scales" not in weights:
+                return False
+            group_size, bits = module_settings(config.extra, path)
+            return {"group_size": group_size, "bits": bits}
+
+        nn.quantize(model, class_predicate=quantized_here)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as err:  # unexpected tensors or shape mismatches
