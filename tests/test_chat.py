@@ -91,3 +91,30 @@ def test_list_models_and_missing_model():
     assert listed.returncode == 0 and "llama-8b" in listed.stdout and "meta-llama/Llama-3.1-8B-Instruct" in listed.stdout
     missing = subprocess.run([sys.executable, "-m", "sts_edge.chat"], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "--model is required" in missing.stderr
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(engine):
+    """A KeyboardInterrupt mid-answer ends that answer; the next question is still answered."""
+    from sts_edge.chat import run_chat
+
+    real_stream = engine.stream
+    calls = []
+
+    def interrupted_once(history, **options):
+        calls.append([m["content"] for m in history])
+        for i, piece in enumerate(real_stream(history, **options)):
+            if len(calls) == 1 and i == 2:
+                raise KeyboardInterrupt
+            yield piece
+
+    written, notes = [], []
+    engine.stream = interrupted_once
+    try:
+        run_chat(engine, ["first question", "second question"], {"max_tokens": ANSWER_TOKENS}, None,
+                 write=written.append, note=notes.append)
+    finally:
+        del engine.stream
+    assert any("[stopped]" in n for n in notes)
+    assert len(calls) == 2 and calls[1][0] == "first question" and calls[1][-1] == "second question"
+    assert sum("tok/s" in n for n in notes) == 2
+    assert engine.generate("hello", max_tokens=2).tokens  # the engine is free again
