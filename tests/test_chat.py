@@ -86,11 +86,10 @@ def test_chat_in_a_pseudo_terminal_streams_and_quits(model_dirs, draft_dir, engi
     assert os.WEXITSTATUS(status) == 0
 
 
-def test_list_models_and_missing_model():
+def test_list_models_shows_aliases_and_the_demo_pair():
     listed = subprocess.run([sys.executable, "-m", "sts_edge.chat", "--list-models"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "llama-8b" in listed.stdout and "meta-llama/Llama-3.1-8B-Instruct" in listed.stdout
-    missing = subprocess.run([sys.executable, "-m", "sts_edge.chat"], capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 2 and "--model is required" in missing.stderr
+    assert "qwen-coder-1.5b" in listed.stdout and "qwen-coder-0.5b" in listed.stdout
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(engine):

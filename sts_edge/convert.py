@@ -1,0 +1,259 @@
+"""GGUF import: turn a llama.cpp GGUF file into a normal model directory.
+
+    python -m sts_edge.convert --gguf model.gguf --out DIR
+
+Writes config.json, bfloat16 safetensors with Hugging Face tensor names (sharded, with an index),
+tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json. The
+`gguf` package reads the file and dequantises every tensor type it knows (Q4_K, Q5_0, Q6_K, Q8_0,
+F16, F32 and more). Architectures: llama (Llama 3.x, SmolLM2, Mistral), qwen2, qwen3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sts_edge.errors import ModelLoadError, StsEdgeError
+
+SUPPORTED = ("llama", "qwen2", "qwen3")
+SHARD_BYTES = 2 << 30
+
+# GGUF tensor name (after blk.N.) -> Hugging Face name (after model.layers.N.)
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# GGUF pre-tokenizer name -> the split regex its merges were learned with (as transformers maps them).
+_QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_LLAMA3_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+SPLITS = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT,
+          "smollm": None, "default": None}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """Hugging Face name of a GGUF tensor, or None for tensors that become config (rope_freqs)."""
+    base, _, suffix = gguf_name.rpartition(".")
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if match and match.group(2) in LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}.{suffix}"
+    if base in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base]}.{suffix}"
+    if base == "rope_freqs":
+        return None
+    raise ModelLoadError(f"unknown GGUF tensor {gguf_name!r}")
+
+
+def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q/k rows (interleaved rotary pairs back to rotate-half)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """Recover Llama 3's rope_scaling from llama.cpp's per-frequency factors, or refuse."""
+    factor = float(factors.max())
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+    expected = np.where(wavelen < 8192 / 4.0, 1.0, np.where(wavelen > 8192, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if not np.allclose(factors, expected, rtol=1e-3):
+        raise ModelLoadError("this GGUF's rope frequency factors are not Llama 3's standard scaling; not supported")
+    return scaling
+
+
+def gguf_config(reader: Any) -> dict[str, Any]:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED:
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    tensors = {t.name: t for t in reader.tensors}
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    config: dict[str, Any] = {
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    if arch == "llama" and "rope_freqs.weight" in tensors:
+        factors = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64)
+        config["rope_scaling"] = _llama3_rope_scaling(factors, theta, head_dim)
+    return config
+
+
+def gguf_tokenizer(reader: Any) -> tuple[Any, dict[str, Any]]:
+    """A `tokenizers` byte-level BPE tokenizer and tokenizer_config.json from GGUF metadata."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelLoadError(f"GGUF tokenizer {kind!r} is not supported (byte-level BPE 'gpt2' is: Llama 3, Qwen)")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_field(reader, "tokenizer.ggml.token_type", []))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in SPLITS:
+        raise ModelLoadError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(SPLITS)}")
+    split = SPLITS[pre]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    tokenizer.pre_tokenizer = byte_level if split is None else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == CONTROL])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+
+    def token(key: str) -> str | None:
+        index = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[index] if index is not None else None
+
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "pad_token": token("padding_token_id"),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "model_max_length": int(_field(reader, f"{_field(reader, 'general.architecture')}.context_length", 4096)),
+    }
+    return tokenizer, tokenizer_config
+
+
+def _bfloat16_bytes(array: np.ndarray) -> bytes:
+    """float32 -> bfloat16 (round to nearest even), as raw little-endian bytes."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16).tobytes()
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]], dtype: str = "BF16") -> None:
+    """A safetensors file: an 8-byte header length, a JSON header, then the tensors' bytes.
+
+    Written directly because numpy has no bfloat16 and the format is this simple.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for _, data in tensors.values():
+            f.write(data)
+
+
+def convert(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """Convert a GGUF file into a model directory at `out_dir` (written whole, then moved in place)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"GGUF file {gguf_path} does not exist")
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except (ValueError, OSError) as err:
+        raise ModelLoadError(f"{gguf_path} is not a readable GGUF file: {err}") from None
+    config = gguf_config(reader)
+    tokenizer, tokenizer_config = gguf_tokenizer(reader)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    permuted = config["model_type"] == "llama"  # llama.cpp reorders q/k rows for llama only
+
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shards: list[dict[str, Any]] = [{}]
+    shard_bytes = 0
+    for tensor in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress):
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        shape = [int(d) for d in reversed(tensor.shape.tolist())]  # GGUF lists dimensions fastest first
+        weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+            weight = unpermute(weight, heads if "q_proj" in name else kv_heads)
+        data = _bfloat16_bytes(weight)
+        if shard_bytes + len(data) > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = (shape, data)
+        shard_bytes += len(data)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(staging / filename, shard)
+        weight_map.update(dict.fromkeys(shard, filename))
+        shard.clear()  # free the bytes before the next shard is written
+    (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    (staging / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer.save(str(staging / "tokenizer.json"))
+    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    (staging / "generation_config.json").write_text(json.dumps(generation, indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sts_edge.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--gguf", required=True, help="the GGUF file to import")
+    parser.add_argument("--out", required=True, help="model directory to write (replaced if it exists)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.gguf, args.out)
+    except ImportError:
+        print('error: GGUF import needs the gguf package: pip install "sts-edge[gguf]"', file=sys.stderr)
+        return 1
+    except StsEdgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
