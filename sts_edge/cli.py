@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sts_edge.backend import BACKENDS
 from sts_edge.mask import AGGREGATIONS, GRANULARITIES, POLICIES, MaskPolicy
 
 
@@ -53,3 +54,40 @@ def policy_from_args(args: argparse.Namespace) -> MaskPolicy:
 
 def calibration_from_args(args: argparse.Namespace) -> str | None:
     return None if args.calibration == "none" else args.calibration
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, model_required: bool = True) -> None:
+    """Which models, on which backend, in which dtype, with how large a cache."""
+    parser.add_argument("--model", required=model_required, help=model_help)
+    parser.add_argument("--draft", help="draft model, same forms as --model; must share the target's tokenizer")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="compute backend")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache size in tokens (default: the model's context, at most 8192)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="weight and cache dtype (default: bfloat16 on GPUs, float32 on CPUs)")
+    parser.add_argument("--quantized", action="store_true", help="prefer an alias's 4-bit variant")
+    parser.add_argument("--offline", action="store_true", help="use only models already downloaded (as HF_HUB_OFFLINE=1)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per answer at most")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per speculative round")
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, gamma=args.gamma)
+
+
+def load_from_args(args: argparse.Namespace):
+    """The Engine the model, backend and policy arguments describe (sts needs a draft: else dense)."""
+    from sts_edge.api import load
+
+    if args.policy == "sts" and not args.draft:
+        args.policy = "dense"
+    return load(args.model, args.draft, backend=args.backend, max_seq_len=args.max_seq_len, dtype=args.dtype,
+                policy=policy_from_args(args), calibration=calibration_from_args(args),
+                quantized=args.quantized, offline=args.offline or None)

@@ -20,12 +20,10 @@ import sys
 import threading
 import time
 import uuid
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from sts_edge.backend import BACKENDS
-from sts_edge.cli import add_policy_arguments, calibration_from_args, policy_from_args
+from sts_edge.cli import add_model_arguments, add_policy_arguments, load_from_args
 from sts_edge.errors import ContextLengthError, StsEdgeError
 from sts_edge.mask import POLICIES, MaskPolicyError
 from sts_edge.speculative import GenerationStats
@@ -340,33 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
         "for a target model with an optional draft (STS).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="target: a model directory, an alias or a Hugging Face repo id")
-    parser.add_argument("--draft", help="draft model, same forms as --model")
+    add_model_arguments(parser, "target: a model directory, an alias or a Hugging Face repo id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--api-key", default=os.environ.get("STS_EDGE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $STS_EDGE_API_KEY; none means open)")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body accepted")
     parser.add_argument("--gamma", type=int, default=4, help="default draft tokens per round (a request may set 'gamma')")
-    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
-    parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache size in tokens")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    parser.add_argument("--quantized", action="store_true", help="prefer an alias's 4-bit variant")
-    parser.add_argument("--offline", action="store_true", help="use only models already downloaded")
     add_policy_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.policy == "sts" and not args.draft:
-        args.policy = "dense"
-    from sts_edge.api import load
-
     try:
-        engine = load(args.model, args.draft, backend=args.backend, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                      policy=policy_from_args(args), calibration=calibration_from_args(args),
-                      quantized=args.quantized, offline=args.offline or None)
+        engine = load_from_args(args)
     except (StsEdgeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,6 +1,5 @@
 """The user path: load directories, tokenize, apply the chat template, generate and stream."""
 
-import json
 import subprocess
 import sys
 

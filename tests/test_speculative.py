@@ -1,6 +1,5 @@
 """The speculative loop: exact greedy equivalence, lossless sampling, and cache rollback."""
 
-import json
 
 import numpy as np
 import pytest
