@@ -230,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from sts_edge.api import load
+    from sts_edge.models import resolve_model
 
     try:
+        # Aliases and hub ids name directories: the saved file records (and is keyed by) those.
+        args.model, args.draft = resolve_model(args.model), resolve_model(args.draft)
         engine = load(args.model, args.draft, backend=args.backend, max_seq_len=args.tokens + 16, calibration=None)
         text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else default_text()
         tokens = engine.tokenizer.encode(text)[: args.tokens]

@@ -1,0 +1,285 @@
+"""Benchmark the Triton kernels of the CUDA backend on a GPU; JSON out.
+
+    python scripts/bench_kernels.py --out benchmarks/results/kernels_h100.json
+
+Sections (--sections):
+  verify  sparse verification attention (Llama-3.1-8B layer: 32 query / 8 KV heads, head_dim 128,
+          bf16) at contexts 8K/32K/128K, gamma+1 of 1/5/8, budgets 256/512/2048/10%, against
+          (a) our dense kernel, (b) SDPA, (c) the plain gather path, all in this run;
+  draft   the draft's decode attention with STS scores (Llama-3.2-1B layer: 32/8 heads,
+          head_dim 64) against the same kernel without scores and SDPA;
+  select  top-B selection with sink and window for every layer of the target in one call;
+  round   one speculative round (gamma 4, budget 512) of Llama-3.1-8B-shaped target and
+          Llama-3.2-1B-shaped draft with random weights, split into draft, selection and
+          verification, dense speculative decoding against STS (see scripts/bench_round.py).
+
+Every kernel is checked against a float32 reference before it is timed. Times are medians of
+CUDA-graph replays (so launch overhead is out), each replay cycling over enough copies of the
+inputs to exceed the L2 cache; bandwidth counts the bytes the kernel must read (selected K/V rows,
+the block's rows, the index lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sts_edge.backends.cuda.attention import attend, attend_and_score, causal_block_mask, sparse_attend
+from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores
+from sts_edge.triton_kernels.selection import csr_offsets, select_sets
+from sts_edge.triton_kernels.verify_attention import split_attention
+
+TARGET = dict(heads=32, kv_heads=8, head_dim=128)  # Llama-3.1-8B attention
+DRAFT = dict(heads=32, kv_heads=8, head_dim=64)  # Llama-3.2-1B attention
+
+
+def time_graph(calls: list[Callable[[], object]], replays: int = 30) -> float:
+    """Median microseconds per call, from CUDA-graph replays of all `calls` in a row."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up: compilation and autotuning stay out of the graph
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) * 1000 / len(calls))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second (GB/s): the best of a few sizes."""
+    best = 0.0
+    for mib in (256, 1024, 2048):
+        src = torch.randn(mib * 2**18, device="cuda")
+        dst = torch.empty_like(src)
+        for _ in range(20):  # let the clocks ramp up from idle
+            dst.copy_(src)
+        us = time_graph([lambda: dst.copy_(src)], replays=20)
+        best = max(best, 2 * src.numel() * 4 / us / 1e3)
+    return best
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """The best SDPA form we found for a GQA block: each KV group's query heads and queries packed
+    as one [group * n] query block over its KV head (enable_gqa=True is far slower here)."""
+    heads, n, head_dim = q.shape
+    kv_heads = k.shape[0]
+    group = heads // kv_heads
+    mask = None if n == 1 else causal_block_mask(start, n, q.device).repeat(group, 1)
+    out = F.scaled_dot_product_attention(q.reshape(1, kv_heads, group * n, head_dim), k[None], v[None], attn_mask=mask)
+    return out.reshape(heads, n, head_dim)
+
+
+def copies_for(bytes_each: int) -> int:
+    """How many input sets make one replay's working set at least 4x the L2 cache."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, min(16, -(-4 * l2 // bytes_each)))
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    err = float((out - ref).norm() / ref.norm())
+    if err != err:
+        raise AssertionError("NaN in kernel output")
+    return err
+
+
+def random_lists(kv_heads: int, context: int, kept: int, device: str) -> torch.Tensor:
+    """Sorted random sets [kv_heads, kept] of positions < context."""
+    return torch.rand(kv_heads, context, device=device).topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+
+
+def bench_verify(contexts: list[int], queries: list[int], budgets: list[str], copy_gbs: float) -> list[dict]:
+    heads, kv_heads, head_dim = TARGET.values()
+    rows = []
+    for context in contexts:
+        for n in queries:
+            cache_bytes = 2 * kv_heads * (context + n) * head_dim * 2
+            copies = copies_for(cache_bytes)
+            sets = []
+            for _ in range(copies):
+                k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                q = torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
+                sets.append((q, k, v))
+            q, k, v = sets[0]
+            ref = attend(q.float(), k[:, : context + n].float(), v[:, : context + n].float(), context)
+            dense_err = rel_error(split_attention(q, k, v, context), ref)
+            dense_us = time_graph([lambda s=s: split_attention(s[0], s[1], s[2], context, check=False) for s in sets])
+            sdpa_err = rel_error(sdpa(q, k[:, : context + n], v[:, : context + n], context), ref)
+            sdpa_us = time_graph([lambda s=s: sdpa(s[0], s[1][:, : context + n], s[2][:, : context + n], context)
+                                  for s in sets])
+            dense_bw = cache_bytes / dense_us / 1e3
+            rows.append({"kernel": "dense", "context": context, "queries": n, "kept": context, "time_us": dense_us,
+                         "bandwidth_gbs": dense_bw, "copy_fraction": dense_bw / copy_gbs, "sdpa_us": sdpa_us,
+                         "vs_sdpa": sdpa_us / dense_us, "rel_error": dense_err,
+                         "sdpa_rel_error": sdpa_err})
+            print(f"ctx {context:>6} n {n} dense: ours {dense_us:8.1f} us ({dense_bw / copy_gbs:5.1%} of copy)  "
+                  f"SDPA {sdpa_us:8.1f} us", flush=True)
+            for budget in budgets:
+                kept = int(context * float(budget[:-1]) / 100) if budget.endswith("%") else int(budget)
+                lists = [random_lists(kv_heads, context, kept, "cuda") for _ in sets]
+                offsets = csr_offsets(kv_heads, kept, torch.device("cuda"))
+                ref = sparse_attend(q.float(), k.float(), v.float(), context, lists[0].long())
+                err = rel_error(split_attention(q, k, v, context, lists[0].flatten(), offsets, kept), ref)
+                sparse_us = time_graph([lambda s=s, idx=idx: split_attention(s[0], s[1], s[2], context, idx.flatten(), offsets,
+                                                                             kept, check=False)
+                                        for s, idx in zip(sets, lists)])
+                gather_us = time_graph([lambda s=s, idx=idx: sparse_attend(s[0], s[1], s[2], context, idx.long())
+                                        for s, idx in zip(sets, lists)])
+                read = 2 * kv_heads * (kept + n) * head_dim * 2 + kv_heads * kept * 4
+                bw = read / sparse_us / 1e3
+                rows.append({"kernel": "sparse", "context": context, "queries": n, "budget": budget, "kept": kept,
+                             "time_us": sparse_us, "bytes_read": read, "bandwidth_gbs": bw, "copy_fraction": bw / copy_gbs,
+                             "vs_dense": dense_us / sparse_us, "vs_sdpa": sdpa_us / sparse_us,
+                             "vs_gather": gather_us / sparse_us, "gather_us": gather_us, "rel_error": err})
+                print(f"    budget {budget:>5} ({kept:>6} rows): {sparse_us:7.1f} us ({bw / copy_gbs:5.1%} of copy)  "
+                      f"x{dense_us / sparse_us:5.1f} vs dense  x{sdpa_us / sparse_us:5.1f} vs SDPA  "
+                      f"x{gather_us / sparse_us:5.1f} vs gather  err {err:.1e}", flush=True)
+            del sets
+    return rows
+
+
+def bench_draft(contexts: list[int], copy_gbs: float) -> list[dict]:
+    heads, kv_heads, head_dim = DRAFT.values()
+    rows = []
+    for context in contexts:
+        cache_bytes = 2 * kv_heads * (context + 1) * head_dim * 2
+        sets = []
+        for _ in range(copies_for(cache_bytes)):
+            k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
+            sets.append((torch.randn(heads, 1, head_dim, device="cuda", dtype=torch.bfloat16), k, torch.randn_like(k),
+                         torch.zeros(kv_heads, context + 16, device="cuda")))
+        q, k, v, scores = sets[0]
+        ref_scores = torch.zeros_like(scores)
+        ref = attend_and_score(q.float(), k[:, : context + 1].float(), v[:, : context + 1].float(), context, ref_scores, "max", "kv")
+        err = rel_error(draft_attention_with_scores(q, k, v, context, scores), ref)
+        score_err = rel_error(scores, ref_scores)
+        scored_us = time_graph([lambda s=s: draft_attention_with_scores(s[0], s[1], s[2], context, s[3], check=False)
+                                for s in sets])
+        plain_us = time_graph([lambda s=s: split_attention(s[0], s[1], s[2], context, check=False) for s in sets])
+        sdpa_us = time_graph([lambda s=s: sdpa(s[0], s[1][:, : context + 1], s[2][:, : context + 1], context) for s in sets])
+        rows.append({"context": context, "scored_us": scored_us, "plain_us": plain_us, "sdpa_us": sdpa_us,
+                     "cost_vs_plain": scored_us / plain_us, "cost_vs_sdpa": scored_us / sdpa_us,
+                     "plain_copy_fraction": cache_bytes / plain_us / 1e3 / copy_gbs,
+                     "rel_error": err, "scores_rel_error": score_err})
+        print(f"draft ctx {context:>6}: with scores {scored_us:7.1f} us, plain {plain_us:7.1f} us, SDPA {sdpa_us:7.1f} us "
+              f"-> x{scored_us / plain_us:.2f} of plain, x{scored_us / sdpa_us:.2f} of SDPA; err {err:.1e}/{score_err:.1e}",
+              flush=True)
+        del sets
+    return rows
+
+
+def bench_select(contexts: list[int], budgets: list[int], layers: int = 32, kv_heads: int = 8) -> list[dict]:
+    rows = []
+    for context in contexts:
+        scores = torch.rand(layers, kv_heads, context, device="cuda")
+        for budget in budgets:
+            us = time_graph([lambda: select_sets(scores, context, budget, 4, 64)])
+            rows.append({"context": context, "budget": budget, "layers": layers, "kv_heads": kv_heads, "time_us": us})
+            print(f"select ctx {context:>6} budget {budget:>5}: {us:7.1f} us for {layers} layers", flush=True)
+    return rows
+
+
+def tune(copy_gbs: float) -> list[dict]:
+    """Sweep the verification kernel's launch settings on the cases the bars are set on."""
+    heads, kv_heads, head_dim = TARGET.values()
+    rows = []
+    for context, n, kept in ((131072, 5, 13107), (131072, 5, None), (131072, 5, 256), (32768, 5, 3276), (131072, 1, 13107)):
+        k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        q = torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
+        idx = None if kept is None else random_lists(kv_heads, context, kept, "cuda").flatten()
+        offsets = None if kept is None else csr_offsets(kv_heads, kept, torch.device("cuda"))
+        read = 2 * kv_heads * ((kept or context) + n) * head_dim * 2 + (kv_heads * kept * 4 if kept else 0)
+        results = []
+        for block_n in (32, 64, 128):
+            for splits in (8, 16, 32, 64):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        try:
+                            us = time_graph([lambda: split_attention(q, k, v, context, idx, offsets, kept, num_splits=splits,
+                                                                     block_n=block_n, num_warps=warps, num_stages=stages,
+                                                                     check=False)], replays=20)
+                        except Exception as err:  # noqa: BLE001 (out of shared memory for some tiles)
+                            print(f"  block_n {block_n} warps {warps} stages {stages}: {type(err).__name__}", flush=True)
+                            continue
+                        results.append({"context": context, "queries": n, "kept": kept, "block_n": block_n,
+                                        "splits": splits, "warps": warps, "stages": stages, "time_us": us,
+                                        "copy_fraction": read / us / 1e3 / copy_gbs})
+        results.sort(key=lambda r: r["time_us"])
+        for r in results[:5]:
+            print(f"tune ctx {context} n {n} kept {kept}: {r}", flush=True)
+        rows += results
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", default="8192,32768,131072")
+    parser.add_argument("--queries", default="1,5,8", help="gamma + 1 values")
+    parser.add_argument("--budgets", default="256,512,2048,10%")
+    parser.add_argument("--sections", default="verify,draft,select,round")
+    parser.add_argument("--round-contexts", default="32768,131072")
+    parser.add_argument("--out", default="benchmarks/results/kernels.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU (the kernels are tested on the CPU by pytest instead)", file=sys.stderr)
+        return 1
+    import triton
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    sections = args.sections.split(",")
+    copy_gbs = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    record: dict = {
+        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
+        "copy_bandwidth_gbs": copy_gbs, "target_layer": TARGET, "draft_layer": DRAFT, "dtype": "bfloat16",
+        "timing": "median of CUDA-graph replays, inputs rotated past the L2 cache",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "tune" in sections:
+        record["tune"] = tune(copy_gbs)
+        out.write_text(json.dumps(record, indent=1))
+    if "verify" in sections:
+        record["verify"] = bench_verify(contexts, [int(n) for n in args.queries.split(",")], args.budgets.split(","), copy_gbs)
+        out.write_text(json.dumps(record, indent=1))
+    if "draft" in sections:
+        record["draft"] = bench_draft(contexts, copy_gbs)
+        out.write_text(json.dumps(record, indent=1))
+    if "select" in sections:
+        record["select"] = bench_select(contexts, [256, 512, 2048])
+        out.write_text(json.dumps(record, indent=1))
+    if "round" in sections:
+        from bench_round import bench_round  # noqa: PLC0415 (needs the GPU and the full models)
+
+        record["round"] = bench_round([int(c) for c in args.round_contexts.split(",")])
+        out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On a machine where the project cannot be pip-installed (the lent GPU machine has no registry),
+# lay the package out as pyproject.toml maps it and print a PYTHONPATH for it:
+#   export PYTHONPATH=$(scripts/device_path.sh)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+site=${1:-/tmp/sts_edge_site}
+rm -rf "$site" && mkdir -p "$site"
+cp -r "$root/sts_edge" "$site/sts_edge"
+cp -r "$root/backends" "$site/sts_edge/backends"
+cp -r "$root/triton_kernels" "$site/sts_edge/triton_kernels"
+cp -r "$root/metal_kernels" "$site/sts_edge/metal_kernels"
+echo "$site:$root/scripts"

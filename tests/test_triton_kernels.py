@@ -1,0 +1,199 @@
+"""The Triton kernels against plain float64 references (on the CPU through TRITON_INTERPRET=1).
+
+The references here are written from the definition (softmax over an explicit key list), not
+from the backend's own gather path, so a shared misreading of the layout would still show.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from sts_edge.mask import select_indices  # noqa: E402
+from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores  # noqa: E402
+from sts_edge.triton_kernels.selection import csr_offsets, select_sets  # noqa: E402
+from sts_edge.triton_kernels.verify_attention import KernelInputError, split_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative Frobenius error
+
+
+def reference(q, cache_k, cache_v, start, lists):
+    """float64 attention of each query head over its KV head's list, plus the block (causal)."""
+    heads, n, head_dim = q.shape
+    kv_heads = cache_k.shape[0]
+    out = torch.empty(heads, n, head_dim, dtype=torch.float64)
+    for h in range(heads):
+        kv = h // (heads // kv_heads)
+        rows = list(range(start)) if lists is None else list(lists[kv])
+        for i in range(n):
+            keys = rows + list(range(start, start + i + 1))
+            k = cache_k[kv, keys].double()
+            v = cache_v[kv, keys].double()
+            p = torch.softmax(k @ q[h, i].double() / head_dim**0.5, dim=0)
+            out[h, i] = p @ v
+    return out
+
+
+def make_inputs(heads, kv_heads, head_dim, n, start, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    capacity = start + n + 3  # rows past the block hold junk the kernel must not read
+    q = torch.randn(heads, n, head_dim, generator=gen).to(dtype)
+    k = torch.randn(kv_heads, capacity, head_dim, generator=gen).to(dtype)
+    v = torch.randn(kv_heads, capacity, head_dim, generator=gen).to(dtype)
+    k[:, start + n :] = float("nan")
+    v[:, start + n :] = float("nan")
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def ragged_lists(kv_heads, start, rng):
+    """Sorted lists of mixed lengths: one of length 1, one covering the whole context, others random."""
+    lengths = [1, start] + [int(rng.integers(1, start + 1)) for _ in range(kv_heads)]
+    return [np.sort(rng.choice(start, size=lengths[k], replace=False)) for k in range(kv_heads)]
+
+
+def rel_error(out, ref):
+    out = out.double().cpu()
+    assert not torch.isnan(out).any(), "kernel output has NaN (an unwritten or junk-reading element)"
+    return float((out - ref).norm() / ref.norm())
+
+
+CASES = [  # (heads, kv_heads, head_dim, n, dtype)
+    (4, 4, 64, 2, torch.float16),  # GQA ratio 1, gamma 1
+    (8, 2, 64, 5, torch.bfloat16),  # ratio 4, gamma 4
+    (8, 1, 128, 9, torch.float16),  # ratio 8, gamma 8
+    (16, 2, 128, 1, torch.bfloat16),  # ratio 8, a single query
+    (4, 1, 128, 3, torch.bfloat16),  # ratio 4, head_dim 128
+    (2, 2, 64, 7, torch.float16),
+]
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, n, dtype", CASES)
+def test_sparse_verification_matches_reference(heads, kv_heads, head_dim, n, dtype):
+    rng = np.random.default_rng(heads * 100 + n)
+    start = 150
+    q, k, v = make_inputs(heads, kv_heads, head_dim, n, start, dtype, seed=n)
+    lists = ragged_lists(kv_heads, start, rng)
+    flat = torch.tensor(np.concatenate(lists), dtype=torch.int32, device=DEVICE)
+    offsets = torch.tensor(np.cumsum([0] + [len(x) for x in lists]), dtype=torch.int32, device=DEVICE)
+    # Small splits so that lists cross several programs and some programs get nothing.
+    out = split_attention(q, k, v, start, flat, offsets, num_splits=5, block_n=16)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, lists)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, n, dtype", CASES[:4])
+def test_dense_verification_matches_reference(heads, kv_heads, head_dim, n, dtype):
+    start = 97
+    q, k, v = make_inputs(heads, kv_heads, head_dim, n, start, dtype, seed=7 + n)
+    out = split_attention(q, k, v, start, num_splits=3, block_n=32)
+    assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[dtype]
+
+
+def test_empty_context_reads_only_the_block():
+    q, k, v = make_inputs(4, 2, 64, 4, 0, torch.float16, seed=3)
+    out = split_attention(q, k, v, 0)
+    assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), 0, None)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("aggregation", ["max", "sum"])
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_draft_attention_scores_match_reference(aggregation, granularity, n):
+    heads, kv_heads, head_dim, start = 8, 2, 64, 120
+    q, k, v = make_inputs(heads, kv_heads, head_dim, n, start, torch.bfloat16, seed=11)
+    units = kv_heads if granularity == "kv" else heads
+    before = torch.rand(units, start + n + 8, generator=torch.Generator().manual_seed(1)) * 0.05
+    scores = before.clone().to(DEVICE)
+    out = draft_attention_with_scores(q, k, v, start, scores, aggregation, granularity)
+    assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[torch.bfloat16]
+
+    # Expected: per query head and query, probabilities over 0..start+i; then max/sum.
+    length = start + n
+    probs = torch.zeros(heads, n, length, dtype=torch.float64)
+    for h in range(heads):
+        for i in range(n):
+            keys = k[h // (heads // kv_heads), : start + i + 1].double().cpu()
+            probs[h, i, : start + i + 1] = torch.softmax(keys @ q[h, i].double().cpu() / head_dim**0.5, dim=0)
+    per_unit = probs.reshape(kv_heads, -1, length) if granularity == "kv" else probs
+    fold = per_unit.amax(1) if aggregation == "max" else per_unit.sum(1)
+    expected = before.double().clone()
+    expected[:, :length] = torch.maximum(expected[:, :length], fold) if aggregation == "max" else expected[:, :length] + fold
+    np.testing.assert_allclose(scores.cpu().double().numpy(), expected.numpy(), rtol=2e-2, atol=2e-5)
+
+
+@pytest.mark.parametrize("context, budget", [(300, 40), (300, 1), (90, 50), (50, 10)])
+def test_selection_matches_numpy_reference(context, budget):
+    gen = torch.Generator().manual_seed(context + budget)
+    scores = torch.rand(3, 4, context + 5, generator=gen)
+    sets = select_sets(scores.to(DEVICE), context, budget, sink=4, window=16)
+    keep = min(budget + 20, context)
+    if keep >= context:
+        assert sets is None  # the budget covers the context: the layer runs dense
+        return
+    assert sets.dtype == torch.int32 and sets.shape == (3, 4, keep)
+    for layer in range(3):
+        expected = select_indices(scores[layer, :, :context].numpy(), keep, 4, 16)
+        np.testing.assert_array_equal(sets[layer].cpu().numpy(), expected)
+
+
+def test_selected_sets_feed_the_kernel():
+    """Selection and verification together equal attention over the chosen rows."""
+    heads, kv_heads, head_dim, n, start = 8, 2, 64, 5, 200
+    q, k, v = make_inputs(heads, kv_heads, head_dim, n, start, torch.float16, seed=5)
+    sets = select_sets(torch.rand(kv_heads, start, device=DEVICE), start, 30, sink=4, window=8)
+    out = split_attention(q, k, v, start, sets.flatten(), csr_offsets(kv_heads, sets.shape[1], q.device), sets.shape[1])
+    lists = [s.cpu().numpy() for s in sets]
+    assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, lists)) < TOLERANCE[torch.float16]
+
+
+def _lists(rows, device=DEVICE):
+    flat = torch.tensor([r for row in rows for r in row], dtype=torch.int32, device=device)
+    offsets = torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32, device=device)
+    return flat, offsets
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(lists=_lists([[3, 2, 5], [1, 2]])), "sorted"),
+        (lambda a: a.update(lists=_lists([[1, 1, 5], [1, 2]])), "sorted"),
+        (lambda a: a.update(lists=_lists([[1, 2, 40], [1, 2]])), "committed context"),
+        (lambda a: a.update(lists=_lists([[-1, 2], [1, 2]])), "committed context"),
+        (lambda a: a.update(lists=(_lists([[1, 2], [3]])[0].long(), _lists([[1, 2], [3]])[1])), "int32"),
+        (lambda a: a.update(lists=(_lists([[1, 2], [3]])[0], torch.tensor([0, 2], dtype=torch.int32))), "offsets"),
+        (lambda a: a.update(q=a["q"].float()), "bfloat16 or float16"),
+        (lambda a: a.update(q=a["q"].half()), "bfloat16 or float16"),
+        (lambda a: a.update(q=torch.zeros(4, 2, 96, dtype=torch.bfloat16)), "head_dim"),
+        (lambda a: a.update(q=torch.zeros(3, 2, 64, dtype=torch.bfloat16)), "multiple of KV heads"),
+        (lambda a: a.update(q=torch.zeros(4, 17, 64, dtype=torch.bfloat16)), "queries"),
+        (lambda a: a.update(start=39), "do not fit"),
+        (lambda a: a.update(q=a["q"][0]), "expected q"),
+    ],
+)
+def test_invalid_inputs_raise_clear_errors(change, message):
+    args = {"q": torch.zeros(4, 2, 64, dtype=torch.bfloat16), "k": torch.zeros(2, 40, 64, dtype=torch.bfloat16),
+            "start": 30, "lists": _lists([[1, 2, 5], [0, 7]], device="cpu")}
+    change(args)
+    indices, offsets = args["lists"]
+    with pytest.raises(KernelInputError, match=message):
+        split_attention(args["q"], args["k"], args["k"], args["start"], indices, offsets)
+
+
+def test_bad_score_buffer_and_selection_arguments():
+    q, k, v = make_inputs(4, 2, 64, 1, 20, torch.bfloat16, seed=2)
+    with pytest.raises(KernelInputError, match="scores must be float32"):
+        draft_attention_with_scores(q, k, v, 20, torch.zeros(2, 10, device=DEVICE))
+    with pytest.raises(KernelInputError, match="aggregation"):
+        draft_attention_with_scores(q, k, v, 20, torch.zeros(2, 30, device=DEVICE), aggregation="mean")
+    with pytest.raises(KernelInputError, match="budget"):
+        select_sets(torch.rand(2, 50), 50, 0, 4, 4)
+    with pytest.raises(KernelInputError, match="fewer than the context"):
+        select_sets(torch.rand(2, 50), 60, 8, 4, 4)

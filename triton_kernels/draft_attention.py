@@ -1,0 +1,85 @@
+"""The draft's decode attention that also produces STS importance scores.
+
+One pass of the split attention kernel (verify_attention.py, dense mode) computes the output and,
+on the side, stores each query head's log2-domain logits for every row it reads: the only time
+per-head values at full context reach device memory. The merge kernel yields each query's
+log2-sum-exp, and a light fold kernel turns logits into probabilities,
+p = 2^(logit - lse), reduces them over the block's queries (and over a group's query heads at
+"kv" granularity) by max or sum, and folds the result into the running score row
+[units, capacity] in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sts_edge.triton_kernels.verify_attention import KernelInputError, split_attention
+
+AGGREGATIONS = ("max", "sum")
+GRANULARITIES = ("kv", "query")
+
+
+@triton.jit
+def _fold_scores_kernel(
+    Logits, Lse, Scores,
+    stride_lh, stride_ln, stride_su, length,
+    N: tl.constexpr, HEADS_PER_UNIT: tl.constexpr, BLOCK_L: tl.constexpr, SUM: tl.constexpr,
+):
+    unit = tl.program_id(0).to(tl.int64)
+    pos = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    ok = pos < length
+    folded = tl.zeros([BLOCK_L], tl.float32)
+    for h in tl.static_range(HEADS_PER_UNIT):
+        head = unit * HEADS_PER_UNIT + h
+        for i in tl.static_range(N):
+            lse = tl.load(Lse + head * N + i)
+            p = tl.math.exp2(tl.load(Logits + head * stride_lh + i * stride_ln + pos, mask=ok, other=float("-inf")) - lse)
+            folded = folded + p if SUM else tl.maximum(folded, p)
+    current = tl.load(Scores + unit * stride_su + pos, mask=ok, other=0.0)
+    tl.store(Scores + unit * stride_su + pos, current + folded if SUM else tl.maximum(current, folded), mask=ok)
+
+
+def draft_attention_with_scores(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    start: int,
+    scores: torch.Tensor,
+    aggregation: str = "max",
+    granularity: str = "kv",
+    *,
+    num_splits: int | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Dense attention of q [heads, n, head_dim] at positions start..start+n; updates `scores`.
+
+    scores: [units, capacity] float32 (units: KV heads, or query heads at "query" granularity),
+    rows 0..start+n folded with the max (or sum) of this call's attention probabilities.
+    Returns [heads, n, head_dim], as split_attention does.
+    """
+    heads, n, _ = q.shape
+    kv_heads = cache_k.shape[0]
+    if check:
+        if aggregation not in AGGREGATIONS or granularity not in GRANULARITIES:
+            raise KernelInputError(
+                f"aggregation must be one of {AGGREGATIONS} and granularity one of {GRANULARITIES}, "
+                f"got {aggregation!r} and {granularity!r}"
+            )
+        units = kv_heads if granularity == "kv" else heads
+        if scores.dtype != torch.float32 or scores.dim() != 2 or scores.shape[0] != units or scores.shape[1] < start + n:
+            raise KernelInputError(f"scores must be float32 [{units}, >= {start + n}], got {scores.dtype} {tuple(scores.shape)}")
+        if scores.stride(1) != 1:
+            raise KernelInputError("score rows must be contiguous")
+    length = start + n
+    logits = torch.empty(heads, n, length, dtype=torch.float32, device=q.device)
+    lse = torch.empty(heads * n, dtype=torch.float32, device=q.device)
+    out = split_attention(q, cache_k, cache_v, start, logits=logits, lse=lse, num_splits=num_splits, check=check)
+    heads_per_unit = heads // kv_heads if granularity == "kv" else 1
+    block_l = 1024
+    _fold_scores_kernel[(heads // heads_per_unit, triton.cdiv(length, block_l))](
+        logits, lse, scores, logits.stride(0), logits.stride(1), scores.stride(0), length,
+        N=n, HEADS_PER_UNIT=heads_per_unit, BLOCK_L=block_l, SUM=aggregation == "sum", num_warps=4,
+    )
+    return out

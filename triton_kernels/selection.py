@@ -1,0 +1,39 @@
+"""Token sets on the device: top-B of the draft's scores, merged with sink and window, sorted.
+
+The same sets as sts_edge.mask.select_indices (the numpy reference), for every target layer of a
+verification pass in one call, in the CSR layout the verification kernel reads. torch.topk is
+used: on an H100 it beat a two-stage top-B (per 4K chunk, then over the candidates), and it is
+what scripts/bench_kernels.py times. Callers select once per distinct draft score row (a draft
+layer usually stands in for several target layers), then map the sets to target layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sts_edge.triton_kernels.verify_attention import KernelInputError
+
+
+def select_sets(scores: torch.Tensor, context: int, budget: int, sink: int, window: int) -> torch.Tensor | None:
+    """Sorted int32 sets [..., keep] from scores [..., units, >= context], or None when dense.
+
+    keep = min(budget + sink + window, context). Each set holds positions 0..sink-1, the last
+    `window` positions before `context`, and the `budget` best-scoring positions between them.
+    """
+    if budget < 1 or sink < 0 or window < 0:
+        raise KernelInputError(f"budget must be >= 1 and sink, window >= 0, got {budget}, {sink}, {window}")
+    if scores.shape[-1] < context:
+        raise KernelInputError(f"scores cover {scores.shape[-1]} positions, fewer than the context ({context})")
+    if budget + sink + window >= context:
+        return None
+    top = scores[..., sink : context - window].topk(budget, dim=-1, sorted=False).indices.to(torch.int32) + sink
+    lead = scores.shape[:-1]
+    forced = torch.cat((torch.arange(sink, dtype=torch.int32, device=scores.device),
+                        torch.arange(context - window, context, dtype=torch.int32, device=scores.device)))
+    sets = torch.cat((forced.expand(*lead, forced.numel()), top), dim=-1)
+    return sets.sort(dim=-1).values
+
+
+def csr_offsets(units: int, keep: int, device: torch.device) -> torch.Tensor:
+    """Offsets [units + 1] of `units` lists of `keep` rows each, laid end to end."""
+    return torch.arange(0, (units + 1) * keep, keep, dtype=torch.int32, device=device)

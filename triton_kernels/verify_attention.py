@@ -1,0 +1,308 @@
+"""Verification attention over index lists (or the whole context), split over the KV length.
+
+The target verifies a block of n = gamma + 1 queries at positions start..start+n. In each layer,
+every query head of KV group k attends to the rows I(k) of the KV cache (a sorted, per-KV-head
+list, CSR-style) plus the block itself, causally. With no lists the same kernel reads rows
+0..start: that is our dense verification path.
+
+Layout of the work (flash-decoding):
+  * one program per (KV head, split of its list). The program's query tile packs all `group`
+    query heads of the KV head and all n queries ([group * n, head_dim]), so each K/V row it
+    gathers is loaded once and used by every query that needs it;
+  * one more program per KV head attends to the block's own n rows, with the causal mask;
+  * a merge kernel combines the splits' partial outputs by their log-sum-exp.
+
+The same two kernels serve the draft (n = 1 decode step, dense) and write the softmax logits
+for draft_attention.py to turn into importance scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_QUERIES = 16
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+# Triton's CPU interpreter (TRITON_INTERPRET=1, how CI runs these kernels) stores bf16 as uint16
+# and its tl.dot then multiplies the raw integers; there, bf16 tiles are upcast before each dot.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class KernelInputError(ValueError):
+    """An input the kernels cannot take; the message says which and what is expected."""
+
+
+@triton.jit
+def _split_attention_kernel(
+    Q, K, V, Idx, Offsets, Opart, Lpart, Logits,
+    stride_qh, stride_qn, stride_kh, stride_kr, stride_vh, stride_vr,
+    stride_lh, stride_ln,
+    start, rows_per_split, num_splits, qk_scale,
+    N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SELF: tl.constexpr,
+    DENSE: tl.constexpr, WRITE_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    kv_head = tl.program_id(0).to(tl.int64)  # 64-bit offsets: caches can pass 2^31 elements
+    split = tl.program_id(1)
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    valid_m = m < GROUP * N
+    head = kv_head * GROUP + m // N
+    query = m % N
+    q = tl.load(Q + head[:, None] * stride_qh + query[:, None] * stride_qn + d[None, :], mask=valid_m[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + kv_head * stride_kh
+    v_base = V + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if split < num_splits:
+        # A slice of the context rows: rows I(k)[lo:hi] (or lo..hi when dense).
+        if DENSE:
+            seg_lo = 0
+            seg_hi = start
+        else:
+            seg_lo = tl.load(Offsets + kv_head)
+            seg_hi = tl.load(Offsets + kv_head + 1)
+        lo = seg_lo + split * rows_per_split
+        hi = tl.minimum(lo + rows_per_split, seg_hi)
+        for r in range(lo, hi, BLOCK_N):
+            pos = r + tl.arange(0, BLOCK_N)
+            ok = pos < hi
+            if DENSE:
+                rows = pos.to(tl.int64)
+            else:
+                rows = tl.load(Idx + pos, mask=ok, other=0).to(tl.int64)
+            # Both gathers are issued before any use, so the K and V rows are in flight together.
+            k = tl.load(k_base + rows[:, None] * stride_kr + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vr + d[None, :], mask=ok[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
+            s = tl.where(ok[None, :], s, float("-inf"))
+            if WRITE_LOGITS:
+                tl.store(Logits + head[:, None] * stride_lh + query[:, None] * stride_ln + rows[None, :], s,
+                         mask=valid_m[:, None] & ok[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    else:
+        # The block itself: query i sees block rows 0..i.
+        j = tl.arange(0, BLOCK_SELF)
+        rows = start + j
+        ok_j = j < N
+        k = tl.load(k_base + rows[:, None] * stride_kr + d[None, :], mask=ok_j[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(ok_j[None, :] & (j[None, :] <= query[:, None]), s, float("-inf"))
+        if WRITE_LOGITS:
+            tl.store(Logits + head[:, None] * stride_lh + query[:, None] * stride_ln + rows[None, :], s,
+                     mask=valid_m[:, None] & ok_j[None, :])
+        m_i = tl.max(s, 1)
+        p = tl.math.exp2(s - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] * stride_vr + d[None, :], mask=ok_j[:, None], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v)
+
+    # Partial results: normalised output and log2-sum-exp of this split (-inf when it saw nothing).
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("-inf"))
+    slot = kv_head * (num_splits + 1) + split
+    tl.store(Opart + (slot * BLOCK_M + m[:, None]) * D + d[None, :], out, mask=valid_m[:, None])
+    tl.store(Lpart + slot * BLOCK_M + m, lse, mask=valid_m)
+
+
+@triton.jit
+def _merge_kernel(
+    Opart, Lpart, Out, Lse,
+    stride_oh, stride_on, num_splits,
+    N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """One program per (query head, query): out = sum_s w_s * out_s, w_s = 2^(lse_s - lse)."""
+    row = tl.program_id(0)  # head * N + query
+    head = row // N
+    query = row % N
+    kv_head = head // GROUP
+    m = (head % GROUP) * N + query
+    d = tl.arange(0, D)
+    splits = num_splits + 1
+    base = kv_head * splits
+    # One pass, rescaling as the running max of the splits' lse grows (empty splits have -inf).
+    top = tl.full([], float("-inf"), tl.float32)
+    total = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = s < splits
+        lse = tl.load(Lpart + (base + s) * BLOCK_M + m, mask=ok, other=float("-inf"))
+        part = tl.load(Opart + ((base + s[:, None]) * BLOCK_M + m) * D + d[None, :], mask=ok[:, None], other=0.0)
+        new_top = tl.maximum(top, tl.max(lse, 0))
+        safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)
+        w = tl.math.exp2(lse - safe_top)
+        rescale = tl.math.exp2(top - safe_top)
+        acc = acc * rescale + tl.sum(part * w[:, None], 0)
+        total = total * rescale + tl.sum(w, 0)
+        top = new_top
+    norm = total
+    top_max = top
+    tl.store(Out + head * stride_oh + query * stride_on + d, (acc / norm).to(Out.dtype.element_ty))
+    if WRITE_LSE:
+        tl.store(Lse + row, top_max + tl.math.log2(norm))
+
+
+def _check_inputs(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> None:
+    if q.dim() != 3 or cache_k.dim() != 3 or cache_v.dim() != 3:
+        raise KernelInputError(
+            f"expected q [heads, n, head_dim] and caches [kv_heads, capacity, head_dim], got q {tuple(q.shape)}, "
+            f"k {tuple(cache_k.shape)}, v {tuple(cache_v.shape)}"
+        )
+    if cache_k.shape != cache_v.shape:
+        raise KernelInputError(f"key and value caches differ in shape: {tuple(cache_k.shape)} vs {tuple(cache_v.shape)}")
+    heads, n, head_dim = q.shape
+    kv_heads, capacity, cache_dim = cache_k.shape
+    if q.dtype not in DTYPES or cache_k.dtype != q.dtype or cache_v.dtype != q.dtype:
+        raise KernelInputError(f"q, k and v must all be bfloat16 or float16, got {q.dtype}, {cache_k.dtype}, {cache_v.dtype}")
+    if head_dim not in HEAD_DIMS or cache_dim != head_dim:
+        raise KernelInputError(f"head_dim must be one of {HEAD_DIMS} in q and caches, got {head_dim} and {cache_dim}")
+    if heads % kv_heads:
+        raise KernelInputError(f"query heads ({heads}) must be a multiple of KV heads ({kv_heads})")
+    if not 1 <= n <= MAX_QUERIES:
+        raise KernelInputError(f"the block must have 1..{MAX_QUERIES} queries (gamma + 1), got {n}")
+    if not 0 <= start or start + n > capacity:
+        raise KernelInputError(f"block rows {start}..{start + n} do not fit the cache of {capacity} rows")
+    if q.stride(2) != 1 or cache_k.stride(2) != 1 or cache_v.stride(2) != 1:
+        raise KernelInputError("the head_dim axis of q, k and v must be contiguous")
+    if not (q.device == cache_k.device == cache_v.device):
+        raise KernelInputError(f"q, k and v are on different devices: {q.device}, {cache_k.device}, {cache_v.device}")
+
+
+def check_index_lists(indices: torch.Tensor, offsets: torch.Tensor, kv_heads: int, start: int) -> None:
+    """Raise KernelInputError unless the lists are int32, CSR-shaped, in range and sorted (strictly).
+
+    This costs a pass over the lists and a device sync: callers that produced the lists
+    themselves (selection.py) skip it.
+    """
+    if indices.dtype != torch.int32 or offsets.dtype != torch.int32:
+        raise KernelInputError(f"indices and offsets must be int32, got {indices.dtype} and {offsets.dtype}")
+    if indices.dim() != 1 or offsets.shape != (kv_heads + 1,):
+        raise KernelInputError(
+            f"expected flat indices and offsets [kv_heads + 1] = [{kv_heads + 1}], got {tuple(indices.shape)} and "
+            f"{tuple(offsets.shape)}"
+        )
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != indices.numel() or any(b > a for a, b in zip(bounds[1:], bounds)):
+        raise KernelInputError(f"offsets must rise from 0 to len(indices) = {indices.numel()}, got {bounds}")
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= start:
+            raise KernelInputError(f"indices must lie in the committed context 0..{start - 1}, got {low}..{high}")
+        rising = indices[1:] > indices[:-1]
+        boundary = torch.zeros_like(rising)
+        inner = torch.tensor([b - 1 for b in bounds[1:-1] if 0 < b < indices.numel()], dtype=torch.long, device=indices.device)
+        boundary[inner] = True
+        if not bool((rising | boundary).all()):
+            raise KernelInputError("each KV head's index list must be sorted ascending without repeats")
+
+
+def _num_splits(longest: int, kv_heads: int, device: torch.device) -> int:
+    """About two programs per multiprocessor, none shorter than 128 rows (the best of a sweep on
+    an H100: scripts/bench_kernels.py --sections tune)."""
+    programs = 2 * (_multiprocessors(device) if device.type == "cuda" else 4)
+    return max(1, min(math.ceil(programs / kv_heads), math.ceil(longest / 128)))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_attention(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    start: int,
+    indices: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    longest: int | None = None,
+    *,
+    logits: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    check: bool = True,
+) -> torch.Tensor:
+    """Attention of q [heads, n, head_dim] at positions start..start+n over a KV cache.
+
+    cache_k/cache_v: [kv_heads, capacity, head_dim] with the block already written at rows
+    start..start+n. With `indices` (int32, flat) and `offsets` (int32 [kv_heads + 1]) each KV
+    head reads rows indices[offsets[k]:offsets[k+1]] plus the block; without, rows 0..start plus
+    the block. `longest` is the longest list (computed, with a sync, when not given).
+    With `logits` [heads, n, >= start + n] float32, the log2-domain logits of every row read are
+    stored there (rows not read are left alone); with `lse` [heads * n] float32, each query's
+    log2-sum-exp. Returns [heads, n, head_dim] in q's dtype.
+    """
+    if check:
+        _check_inputs(q, cache_k, cache_v, start)
+    heads, n, head_dim = q.shape
+    kv_heads = cache_k.shape[0]
+    group = heads // kv_heads
+    dense = indices is None
+    if dense:
+        longest = start
+        indices = offsets = q  # unused by the kernel
+    else:
+        if offsets is None:
+            raise KernelInputError("index lists need their offsets [kv_heads + 1]")
+        if check:
+            check_index_lists(indices, offsets, kv_heads, start)
+        if longest is None:
+            longest = int((offsets[1:] - offsets[:-1]).max())
+    if num_splits is None:
+        num_splits = _num_splits(longest, kv_heads, q.device)
+    rows_per_split = max(block_n, triton.cdiv(triton.cdiv(max(longest, 1), num_splits), block_n) * block_n)
+    num_splits = max(1, triton.cdiv(longest, rows_per_split))
+    block_m = max(16, triton.next_power_of_2(group * n))
+    block_self = max(16, triton.next_power_of_2(n))
+    opart = torch.empty(kv_heads * (num_splits + 1) * block_m * head_dim, dtype=torch.float32, device=q.device)
+    lpart = torch.empty(kv_heads * (num_splits + 1) * block_m, dtype=torch.float32, device=q.device)
+    write_logits = logits is not None
+    if write_logits and (logits.dtype != torch.float32 or logits.shape[:2] != (heads, n) or logits.shape[2] < start + n
+                         or logits.stride(2) != 1):
+        raise KernelInputError(f"logits must be float32 [{heads}, {n}, >= {start + n}] with rows contiguous")
+    if not write_logits:
+        logits = lpart
+    _split_attention_kernel[(kv_heads, num_splits + 1)](
+        q, cache_k, cache_v, indices, offsets, opart, lpart, logits,
+        q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
+        logits.stride(0) if write_logits else 0, logits.stride(1) if write_logits else 0,
+        start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E,
+        N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,
+        DENSE=dense, WRITE_LOGITS=write_logits, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty_like(q)
+    write_lse = lse is not None
+    _merge_kernel[(heads * n,)](
+        opart, lpart, out, lse if write_lse else lpart, out.stride(0), out.stride(1), num_splits,
+        N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_S=16, WRITE_LSE=write_lse, num_warps=4,
+    )
+    return out
