@@ -58,8 +58,12 @@ class CausalLM(Protocol):
         heads at "kv" granularity)."""
         ...
 
-    def read_scores(self, context: int) -> np.ndarray:
-        """Stop collecting and return the scores [layers, units, context] of the first positions."""
+    def read_scores(self, context: int, on_device: bool = False) -> np.ndarray:
+        """Stop collecting and return the scores [layers, units, context] of the first positions.
+
+        With `on_device`, a backend may return its own device array instead of numpy (the CUDA
+        backend does): the verification mask then selects the token sets on the device.
+        """
         ...
 
     def rollback(self, length: int) -> None:

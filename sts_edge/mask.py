@@ -173,9 +173,11 @@ def units(config: ModelConfig, granularity: str) -> int:
 class VerificationMask:
     """The sets one verification pass uses, produced layer by layer on request of the backend.
 
-    `draft_scores` [draft_layers, draft_units, context] comes from the draft's round (sts only).
-    The backend calls `sets_for(layer, q, keys)`; `needs_queries` tells it whether q and keys
-    (numpy) are needed or None can be passed.
+    `draft_scores` [draft_layers, draft_units, context] comes from the draft's round (sts only):
+    numpy, or a backend's device tensor, in which case the sets of every layer are selected there
+    at the first request, in one batch (sts_edge.triton_kernels.selection), and returned as
+    device tensors. The backend calls `sets_for(layer, q, keys)`; `needs_queries` tells it whether
+    q and keys (numpy) are needed or None can be passed.
     """
 
     policy: MaskPolicy
@@ -183,6 +185,7 @@ class VerificationMask:
     target_units: int  # sets per layer: the target's KV heads or query heads, by granularity
     mapping: LayerHeadMap | None = None
     draft_scores: np.ndarray | None = None
+    _device_sets: object = field(default=None, init=False, repr=False)  # [draft_layers, units, keep] on device
     kept_rows: int = field(default=0, init=False)  # context rows read over all layers (for sparsity stats)
     dense_rows: int = field(default=0, init=False)
 
@@ -199,6 +202,8 @@ class VerificationMask:
             return None
         keep = policy.kept_tokens(context)
         self.kept_rows += keep
+        if policy.name == "sts" and not isinstance(self.draft_scores, np.ndarray):
+            return self._select_on_device(layer)
         if policy.name == "sts":
             draft_layer = self.mapping.layer_map[layer]
             scores = self.draft_scores[draft_layer][self.mapping.head_map[layer], :context]
@@ -210,6 +215,24 @@ class VerificationMask:
         else:  # quest
             scores = quest_scores(q, keys, context, policy.granularity, policy.page_size)
         return select_indices(scores, keep, policy.sink, policy.window)
+
+    def _select_on_device(self, layer: int):
+        """Sets for `layer` from device scores. The first call selects the top-B of every draft
+        layer and head in one batch; each target layer then takes its mapped draft layer's sets.
+        Only device operations (no host-to-device copies), so a CUDA graph can capture it."""
+        import torch
+
+        from sts_edge.triton_kernels.selection import select_sets
+
+        if self._device_sets is None:
+            policy, context = self.policy, self.context
+            self._device_sets = select_sets(self.draft_scores, context, policy.budget_tokens(context), policy.sink,
+                                            policy.window)
+        sets = self._device_sets[int(self.mapping.layer_map[layer])]
+        heads = self.mapping.head_map[layer]
+        if np.array_equal(heads, np.arange(sets.shape[0])):
+            return sets
+        return torch.stack([sets[int(h)] for h in heads])
 
     @property
     def sparsity(self) -> float:

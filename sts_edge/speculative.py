@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -284,7 +284,7 @@ def _speculative_round(
         draft_probs[i] = _draft_probs(draft.forward(pending), vocab, target_vocab, params)[0]
         drafts.append(sample(draft_probs[i], rng))
         pending = drafts[-1:]
-    mask = sparse.mask(target, draft.read_scores(target.length) if collect else None) if sparse else None
+    mask = sparse.mask(target, draft.read_scores(target.length, on_device=True) if collect else None) if sparse else None
     t1 = time.perf_counter()
     target_logits = _verify(target, sequence[target.length :] + drafts, mask, stats)
     target_probs = probabilities(target_logits, params)
@@ -314,7 +314,7 @@ class Sparsity:
     def needs_draft_scores(self, context: int) -> bool:
         return self.policy.name == "sts" and not self.policy.is_dense_at(context)
 
-    def mask(self, target: CausalLM, draft_scores: np.ndarray | None) -> VerificationMask:
+    def mask(self, target: CausalLM, draft_scores: "np.ndarray | Any | None") -> VerificationMask:
         units_per_layer = units(target.config, self.policy.granularity)
         return VerificationMask(self.policy, target.length, units_per_layer, self.mapping, draft_scores)
 

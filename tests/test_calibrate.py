@@ -88,3 +88,16 @@ def test_monotone_layer_map_is_the_best_monotone_map():
     candidates = [m for m in itertools.product(range(3), repeat=5) if list(m) == sorted(m)]
     top = max(candidates, key=lambda m: scores[np.arange(5), list(m)].sum())
     assert scores[np.arange(5), best].sum() == pytest.approx(scores[np.arange(5), list(top)].sum())
+
+
+def test_calibration_of_aliases_is_saved_under_the_resolved_directories(cache, model_dirs, draft_dir, monkeypatch):
+    """`--model qwen-coder-1.5b` style names resolve once, and the file is keyed by the directories."""
+    import sts_edge.models
+    from sts_edge.calibrate import main
+
+    names = {"target-alias": model_dirs["llama3"], "draft-alias": draft_dir}
+    real = sts_edge.models.resolve_model
+    monkeypatch.setattr(sts_edge.models, "resolve_model", lambda name, **kw: names.get(str(name)) or real(name, **kw))
+    assert main(["--model", "target-alias", "--draft", "draft-alias", "--backend", "torch-cpu",
+                 "--tokens", "400", "--top-k", "8", "--probes", "2"]) == 0
+    assert default_path(model_dirs["llama3"], draft_dir).is_file()

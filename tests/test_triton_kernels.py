@@ -16,10 +16,11 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from sts_edge.mask import select_indices  # noqa: E402
 from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores  # noqa: E402
 from sts_edge.triton_kernels.selection import csr_offsets, select_sets  # noqa: E402
 from sts_edge.triton_kernels.verify_attention import KernelInputError, split_attention  # noqa: E402
+
+from sts_edge.mask import select_indices  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative Frobenius error
@@ -197,3 +198,59 @@ def test_bad_score_buffer_and_selection_arguments():
         select_sets(torch.rand(2, 50), 50, 0, 4, 4)
     with pytest.raises(KernelInputError, match="fewer than the context"):
         select_sets(torch.rand(2, 50), 60, 8, 4, 4)
+
+
+def test_verification_mask_selects_the_same_sets_from_device_scores():
+    """The mask's device path (scores left as a tensor by the CUDA backend) equals its numpy path."""
+    from sts_edge.config import ModelConfig
+    from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationMask
+
+    target = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                    "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "vocab_size": 100})
+    draft = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "vocab_size": 100})
+    policy = MaskPolicy("sts", budget=20, sink=2, window=8)
+    mapping = LayerHeadMap.proportional(target, draft, "kv")
+    mapping.head_map[1] = [1, 0]  # a crossed head map, as calibration can produce
+    scores = np.random.default_rng(0).random((3, 2, 120)).astype(np.float32)
+    on_host = VerificationMask(policy, 120, 2, mapping, scores)
+    on_device = VerificationMask(policy, 120, 2, mapping, torch.from_numpy(scores).to(DEVICE))
+    for layer in range(6):
+        np.testing.assert_array_equal(on_device.sets_for(layer).cpu().numpy(), on_host.sets_for(layer))
+    assert on_device.kept_rows == on_host.kept_rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the model routes attention to the kernels on a GPU only")
+def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch):
+    """Draft scores, device selection and sparse verification through the kernels, end to end,
+    against the same model with the kernels switched off (the plain gather paths)."""
+    import sts_edge.backends.cuda.model as cuda_model
+
+    from sts_edge import load
+    from sts_edge.mask import LayerHeadMap, MaskPolicy
+    from sts_edge.speculative import Sparsity
+
+    target_dir = make_model("llama3", head_dim=64, num_hidden_layers=3)
+    draft_dir = make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2)
+    policy = MaskPolicy("sts", budget=24, sink=2, window=8)
+    prompt = np.random.default_rng(0).integers(3, 200, 180).tolist()
+    block = [5, 6, 7, 8, 9]
+
+    def verify_logits() -> np.ndarray:
+        engine = load(target_dir, draft=draft_dir, backend="cuda", max_seq_len=256, dtype="float16")
+        target, draft = engine.target, engine.draft
+        target.forward(prompt)
+        draft.forward(prompt)
+        sparsity = Sparsity(policy, LayerHeadMap.proportional(target.config, draft.config, "kv"))
+        draft.start_scores("kv", "max")
+        for token in block[:-1]:
+            draft.forward([token])
+        mask = sparsity.mask(target, draft.read_scores(target.length, on_device=True))
+        return target.forward(block, all_logits=True, mask=mask)
+
+    with_kernels = verify_logits()
+    monkeypatch.setattr(cuda_model, "use_kernels", lambda q: False)
+    plain = verify_logits()
+    np.testing.assert_allclose(with_kernels, plain, rtol=2e-2, atol=2e-2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from sts_edge.triton_kernels.verify_attention import KernelInputError, split_attention
 
 AGGREGATIONS = ("max", "sum")

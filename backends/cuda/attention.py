@@ -9,6 +9,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+try:  # Triton ships for Linux and Windows with CUDA; elsewhere only the plain paths exist.
+    from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores
+    from sts_edge.triton_kernels.selection import csr_offsets
+    from sts_edge.triton_kernels.verify_attention import HEAD_DIMS, MAX_QUERIES, split_attention
+except ImportError:
+    split_attention = draft_attention_with_scores = csr_offsets = None
+    HEAD_DIMS, MAX_QUERIES = (), 0
+
+__all__ = ["attend", "attend_and_score", "sparse_attend", "use_kernels", "split_attention",
+           "draft_attention_with_scores", "csr_offsets"]
+
+
+def use_kernels(q: torch.Tensor) -> bool:
+    """Whether this attention call goes to the Triton kernels: a decode-sized block on a GPU,
+    in a dtype and head size they are built for."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] in HEAD_DIMS
+            and q.shape[1] <= MAX_QUERIES)
+
 
 def causal_block_mask(start: int, n: int, device: torch.device) -> torch.Tensor:
     """[n, start + n] bool: query i (at position start + i) sees keys 0..start + i."""

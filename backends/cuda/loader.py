@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
 from sts_edge.backends.cuda.model import ScoreCollection, Transformer
+
 from sts_edge.backend import check_forward
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
@@ -54,11 +54,17 @@ class TorchCausalLM:
             self._score_buffer.zero_()
         self._scores = ScoreCollection(self._score_buffer, aggregation, granularity)
 
-    def read_scores(self, context: int) -> np.ndarray:
-        """End a round: the scores [layers, units, context] of the first `context` positions."""
+    def read_scores(self, context: int, on_device: bool = False) -> np.ndarray | torch.Tensor:
+        """End a round: the scores [layers, units, context] of the first `context` positions.
+
+        With `on_device` on a GPU they stay there (a view of the running buffer, valid until the
+        next start_scores), and the verification mask selects on the GPU.
+        """
         if self._scores is None:
             raise RuntimeError("read_scores without start_scores")
         scores, self._scores = self._scores, None
+        if on_device and self.device.type == "cuda":
+            return scores.buffer[:, :, :context]
         return scores.buffer[:, :, :context].cpu().numpy()
 
     def rollback(self, length: int) -> None:

@@ -11,9 +11,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from sts_edge.backends.cuda.attention import (
+    attend,
+    attend_and_score,
+    csr_offsets,
+    draft_attention_with_scores,
+    sparse_attend,
+    split_attention,
+    use_kernels,
+)
 from torch import nn
 
-from sts_edge.backends.cuda.attention import attend, attend_and_score, sparse_attend
 from sts_edge.config import ModelConfig
 from sts_edge.mask import VerificationMask
 
@@ -103,11 +111,25 @@ class Attention(nn.Module):
         if mask is not None:  # a verification block: ask the policy for this layer's sets
             qk = (q.float().cpu().numpy(), keys.float().cpu().numpy()) if mask.needs_queries else ()
             indices = mask.sets_for(self.layer, *qk)
+        # On a GPU, decode-sized blocks go through the Triton kernels (triton_kernels/); prefill and
+        # the CPU take the plain paths, which are also the kernels' references.
+        kernels = use_kernels(q)
         if indices is not None:
-            rows = torch.from_numpy(indices).to(q.device)
-            out = sparse_attend(q, self.cache.k, self.cache.v, start, rows)
+            rows = torch.as_tensor(indices, device=q.device)
+            if kernels and rows.shape[0] == self.n_kv_heads:  # one set per KV head: the kernel's layout
+                out = split_attention(q, self.cache.k, self.cache.v, start, rows.to(torch.int32).flatten(),
+                                      csr_offsets(self.n_kv_heads, rows.shape[1], q.device), rows.shape[1], check=False)
+            else:
+                out = sparse_attend(q, self.cache.k, self.cache.v, start, rows.long())
         elif scores is not None:  # a draft step: also fold attention into the round's scores
-            out = attend_and_score(q, keys, values, start, scores.buffer[self.layer], scores.aggregation, scores.granularity)
+            if kernels:
+                out = draft_attention_with_scores(q, self.cache.k, self.cache.v, start, scores.buffer[self.layer],
+                                                  scores.aggregation, scores.granularity, check=False)
+            else:
+                out = attend_and_score(q, keys, values, start, scores.buffer[self.layer], scores.aggregation,
+                                       scores.granularity)
+        elif kernels and start > 0:
+            out = split_attention(q, self.cache.k, self.cache.v, start, check=False)
         else:
             out = attend(q, keys, values, start)  # [heads, n, head_dim]
         return self.o_proj(out.transpose(0, 1).reshape(n, self.n_heads * self.head_dim))

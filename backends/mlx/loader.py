@@ -8,9 +8,9 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
 from sts_edge.backends.mlx.attention import ScoreCollection
 from sts_edge.backends.mlx.model import KVCache, Transformer
+
 from sts_edge.backend import check_forward
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
@@ -56,7 +56,7 @@ class MLXCausalLM:
         shape = (self.config.num_hidden_layers, units(self.config, granularity), self.capacity)
         self._scores = ScoreCollection(mx.zeros(shape, dtype=mx.float32), aggregation, granularity)
 
-    def read_scores(self, context: int) -> np.ndarray:
+    def read_scores(self, context: int, on_device: bool = False) -> np.ndarray:
         """End a round: the scores [layers, units, context] of the first `context` positions."""
         if self._scores is None:
             raise RuntimeError("read_scores without start_scores")

@@ -1,0 +1,187 @@
+"""Time one speculative round on a GPU: Llama-3.1-8B-shaped target, Llama-3.2-1B-shaped draft.
+
+    python scripts/bench_round.py --contexts 32768,131072
+
+Random weights (timing does not depend on them) and random KV caches filled to the context, so
+no checkpoint is needed. One round = gamma draft decode steps, then (STS only) top-B selection
+on the device, then one target verification pass over gamma + 1 tokens. Dense speculative
+decoding runs the same round with the dense verification kernel and no scores. Two timings:
+  eager:   the runtime as it is (sts_edge's speculative loop runs the models eagerly), phases timed
+           with device syncs around them, median of several rounds; launch overhead included;
+  graphed: each phase captured as a CUDA graph at this context and replayed (median), i.e. the
+           device time alone, what a graph-captured decode loop would pay (the runtime does not
+           capture graphs yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from sts_edge.backends.cuda.loader import TorchCausalLM
+from sts_edge.backends.cuda.model import Transformer
+
+from sts_edge.config import ModelConfig
+from sts_edge.mask import LayerHeadMap, MaskPolicy
+from sts_edge.speculative import Sparsity
+
+LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=131072)
+LLAMA_1B = dict(LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+
+
+def random_model(raw: dict, capacity: int) -> TorchCausalLM:
+    config = ModelConfig.from_dict(raw, source="benchmark shape")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Transformer(config).eval()
+    torch.set_default_dtype(torch.float32)
+    lm = TorchCausalLM(model, capacity)
+    for layer in model.layers:  # a filled cache: random rows, as if the context had been prefilled
+        layer.self_attn.cache.k.normal_()
+        layer.self_attn.cache.v.normal_()
+    return lm
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - begin) * 1000
+
+
+def one_round(target: TorchCausalLM, draft: TorchCausalLM, context: int, gamma: int, sparsity: Sparsity | None) -> dict:
+    """Milliseconds of each phase of one round, both models starting at `context` committed tokens."""
+    target.rollback(0)
+    draft.rollback(0)
+    target._length = draft._length = context  # the caches already hold `context` rows
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, target.config.vocab_size, gamma + 1).tolist()
+    masks = []
+
+    def drafting():
+        if sparsity:
+            draft.start_scores(sparsity.policy.granularity, sparsity.policy.aggregation)
+        for token in tokens[:gamma]:
+            draft.forward([token])
+
+    def selecting():
+        if sparsity:
+            masks.append(sparsity.mask(target, draft.read_scores(context, on_device=True)))
+            masks[-1].sets_for(0)  # the first request selects every layer's sets in one batch
+
+    def verifying():
+        target.forward(tokens, all_logits=True, mask=masks[-1] if masks else None)
+
+    return {"draft_ms": timed(drafting), "select_ms": timed(selecting), "verify_ms": timed(verifying)}
+
+
+def graph_ms(record, replays: int = 10) -> float:
+    """Capture record() in a CUDA graph (after a warm-up run) and time its replays: median ms."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        record()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        record()
+    times = []
+    for _ in range(replays):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graphed_round(target: TorchCausalLM, draft: TorchCausalLM, context: int, gamma: int, sparsity: Sparsity | None) -> dict:
+    """The same round's phases, each captured as a CUDA graph at this context and replayed: the
+    device time a graph-captured runtime would see, with no launch overhead."""
+    rng = np.random.default_rng(1)
+    tokens = torch.tensor(rng.integers(0, target.config.vocab_size, gamma + 1), device="cuda")
+    if sparsity:
+        draft.start_scores(sparsity.policy.granularity, sparsity.policy.aggregation)
+    scores = draft._scores
+
+    def drafting():
+        if scores is not None:
+            scores.buffer.zero_()
+        for i in range(gamma):
+            draft.model(tokens[i : i + 1], context + i, False, scores=scores)
+
+    row = {"draft_ms": graph_ms(drafting)}
+    target._length = context
+    mask = sparsity.mask(target, scores.buffer[:, :, :context]) if sparsity else None
+
+    def selecting():
+        mask._device_sets = None  # select again: the graph records the top-B, not a cached result
+        mask.sets_for(0)
+
+    row["select_ms"] = graph_ms(selecting) if sparsity else 0.0
+    row["verify_ms"] = graph_ms(lambda: target.model(tokens, context, True, mask=mask))
+    draft._scores = None
+    return row
+
+
+def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: int = 5) -> list[dict]:
+    capacity = max(contexts) + 64
+    target = random_model(LLAMA_8B, capacity)
+    draft = random_model(LLAMA_1B, capacity)
+    policy = MaskPolicy("sts", budget=budget, sink=4, window=64)
+    sparsity = Sparsity(policy, LayerHeadMap.proportional(target.config, draft.config, policy.granularity))
+    rows = []
+    with torch.inference_mode():
+        for context in contexts:
+            for name, sparse in (("dense speculative", None), ("sts", sparsity)):
+                one_round(target, draft, context, gamma, sparse)  # warm-up: kernel compilation
+                runs = [one_round(target, draft, context, gamma, sparse) for _ in range(rounds)]
+                row = {"context": context, "method": name, "gamma": gamma, "budget": budget if sparse else None}
+                for key in ("draft_ms", "select_ms", "verify_ms"):
+                    row[key] = statistics.median(r[key] for r in runs)
+                row["round_ms"] = row["draft_ms"] + row["select_ms"] + row["verify_ms"]
+                graphed = graphed_round(target, draft, context, gamma, sparse)
+                row["graphed"] = {**graphed, "round_ms": sum(graphed.values())}
+                rows.append(row)
+                print(f"round ctx {context:>6} {name:>17}: draft {row['draft_ms']:6.2f} ms, select {row['select_ms']:5.2f} ms, "
+                      f"verify {row['verify_ms']:6.2f} ms, round {row['round_ms']:6.2f} ms", flush=True)
+                g = row["graphed"]
+                print(f"    as CUDA graphs: draft {g['draft_ms']:6.2f} ms, select {g['select_ms']:5.2f} ms, "
+                      f"verify {g['verify_ms']:6.2f} ms, round {g['round_ms']:6.2f} ms", flush=True)
+            dense, sts = rows[-2], rows[-1]
+            sts["round_speedup"] = dense["round_ms"] / sts["round_ms"]
+            sts["verify_speedup"] = dense["verify_ms"] / sts["verify_ms"]
+            sts["graphed"]["round_speedup"] = dense["graphed"]["round_ms"] / sts["graphed"]["round_ms"]
+            sts["graphed"]["verify_speedup"] = dense["graphed"]["verify_ms"] / sts["graphed"]["verify_ms"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", default="32768,131072")
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--budget", type=int, default=512)
+    parser.add_argument("--out", help="JSON output (default: print only)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_round.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    rows = bench_round([int(c) for c in args.contexts.split(",")], args.gamma, args.budget)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "round": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
