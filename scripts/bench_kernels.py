@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
 from sts_edge.backends.cuda.attention import attend, attend_and_score, causal_block_mask, sparse_attend
 from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores
 from sts_edge.triton_kernels.selection import csr_offsets, select_sets

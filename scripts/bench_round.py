@@ -5,12 +5,12 @@
 Random weights (timing does not depend on them) and random KV caches filled to the context, so
 no checkpoint is needed. One round = gamma draft decode steps, then (STS only) top-B selection
 on the device, then one target verification pass over gamma + 1 tokens. Dense speculative
-decoding runs the same round with the dense verification kernel and no scores. Two timings:
-  eager:   the runtime as it is (sts_edge's speculative loop runs the models eagerly), phases timed
-           with device syncs around them, median of several rounds; launch overhead included;
-  graphed: each phase captured as a CUDA graph at this context and replayed (median), i.e. the
-           device time alone, what a graph-captured decode loop would pay (the runtime does not
-           capture graphs yet).
+decoding runs the same round with the dense verification kernel and no scores. Three timings:
+  runtime: the models as sts_edge runs them (decode-sized forwards replay CUDA graphs), phases
+           timed with device syncs around them, median of several rounds;
+  eager:   the same with graphs off (STS_EDGE_CUDA_GRAPHS=0): launch overhead included;
+  device:  each whole phase captured as one CUDA graph at this context and replayed (median): the
+           device time alone, the floor for this loop.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 import torch
+
 from sts_edge.backends.cuda.loader import TorchCausalLM
 from sts_edge.backends.cuda.model import Transformer
-
 from sts_edge.config import ModelConfig
 from sts_edge.mask import LayerHeadMap, MaskPolicy
 from sts_edge.speculative import Sparsity
@@ -144,25 +144,27 @@ def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: 
     with torch.inference_mode():
         for context in contexts:
             for name, sparse in (("dense speculative", None), ("sts", sparsity)):
-                one_round(target, draft, context, gamma, sparse)  # warm-up: kernel compilation
-                runs = [one_round(target, draft, context, gamma, sparse) for _ in range(rounds)]
                 row = {"context": context, "method": name, "gamma": gamma, "budget": budget if sparse else None}
-                for key in ("draft_ms", "select_ms", "verify_ms"):
-                    row[key] = statistics.median(r[key] for r in runs)
-                row["round_ms"] = row["draft_ms"] + row["select_ms"] + row["verify_ms"]
-                graphed = graphed_round(target, draft, context, gamma, sparse)
-                row["graphed"] = {**graphed, "round_ms": sum(graphed.values())}
+                graphs = target.graphs, draft.graphs
+                for mode in ("runtime", "eager", "device"):
+                    if mode == "device":
+                        phases = graphed_round(target, draft, context, gamma, sparse)
+                    else:
+                        if mode == "eager":
+                            target.graphs = draft.graphs = None
+                        one_round(target, draft, context, gamma, sparse)  # warm-up: compilation, graph capture
+                        runs = [one_round(target, draft, context, gamma, sparse) for _ in range(rounds)]
+                        phases = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+                        target.graphs, draft.graphs = graphs
+                    row[mode] = {**phases, "round_ms": sum(phases.values())}
+                    print(f"round ctx {context:>6} {name:>17} {mode:>8}: draft {phases['draft_ms']:6.2f} ms, "
+                          f"select {phases['select_ms']:5.2f} ms, verify {phases['verify_ms']:6.2f} ms, "
+                          f"round {row[mode]['round_ms']:6.2f} ms", flush=True)
                 rows.append(row)
-                print(f"round ctx {context:>6} {name:>17}: draft {row['draft_ms']:6.2f} ms, select {row['select_ms']:5.2f} ms, "
-                      f"verify {row['verify_ms']:6.2f} ms, round {row['round_ms']:6.2f} ms", flush=True)
-                g = row["graphed"]
-                print(f"    as CUDA graphs: draft {g['draft_ms']:6.2f} ms, select {g['select_ms']:5.2f} ms, "
-                      f"verify {g['verify_ms']:6.2f} ms, round {g['round_ms']:6.2f} ms", flush=True)
             dense, sts = rows[-2], rows[-1]
-            sts["round_speedup"] = dense["round_ms"] / sts["round_ms"]
-            sts["verify_speedup"] = dense["verify_ms"] / sts["verify_ms"]
-            sts["graphed"]["round_speedup"] = dense["graphed"]["round_ms"] / sts["graphed"]["round_ms"]
-            sts["graphed"]["verify_speedup"] = dense["graphed"]["verify_ms"] / sts["graphed"]["verify_ms"]
+            for mode in ("runtime", "eager", "device"):
+                sts[mode]["round_speedup"] = dense[mode]["round_ms"] / sts[mode]["round_ms"]
+                sts[mode]["verify_speedup"] = dense[mode]["verify_ms"] / sts[mode]["verify_ms"]
     return rows
 
 

@@ -222,17 +222,22 @@ class VerificationMask:
         Only device operations (no host-to-device copies), so a CUDA graph can capture it."""
         import torch
 
-        from sts_edge.triton_kernels.selection import select_sets
-
-        if self._device_sets is None:
-            policy, context = self.policy, self.context
-            self._device_sets = select_sets(self.draft_scores, context, policy.budget_tokens(context), policy.sink,
-                                            policy.window)
-        sets = self._device_sets[int(self.mapping.layer_map[layer])]
+        sets = self.device_sets()[int(self.mapping.layer_map[layer])]
         heads = self.mapping.head_map[layer]
         if np.array_equal(heads, np.arange(sets.shape[0])):
             return sets
         return torch.stack([sets[int(h)] for h in heads])
+
+    def device_sets(self):
+        """The sets [draft_layers, draft_units, keep] of every draft layer and head, selected on the
+        device on first use from device scores (sts only)."""
+        if self._device_sets is None:
+            from sts_edge.triton_kernels.selection import select_sets
+
+            policy, context = self.policy, self.context
+            self._device_sets = select_sets(self.draft_scores, context, policy.budget_tokens(context), policy.sink,
+                                            policy.window)
+        return self._device_sets
 
     @property
     def sparsity(self) -> float:

@@ -16,11 +16,10 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
+from sts_edge.mask import select_indices  # noqa: E402
 from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores  # noqa: E402
 from sts_edge.triton_kernels.selection import csr_offsets, select_sets  # noqa: E402
 from sts_edge.triton_kernels.verify_attention import KernelInputError, split_attention  # noqa: E402
-
-from sts_edge.mask import select_indices  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative Frobenius error
@@ -234,35 +233,83 @@ def test_verification_mask_selects_the_same_sets_from_device_scores():
     assert on_device.kept_rows == on_host.kept_rows
 
 
+def _two_rounds(target_dir, draft_dir, backend, dtype) -> list[np.ndarray]:
+    """Prefill, then two draft-and-verify rounds with STS sets (the second from a later position,
+    so captured graphs are replayed at a new start): every logits array along the way."""
+    from sts_edge import load
+    from sts_edge.mask import LayerHeadMap, MaskPolicy
+    from sts_edge.speculative import Sparsity
+
+    engine = load(target_dir, draft=draft_dir, backend=backend, max_seq_len=320, dtype=dtype)
+    target, draft = engine.target, engine.draft
+    prompt = np.random.default_rng(0).integers(3, 200, 180).tolist()
+    target.forward(prompt)
+    draft.forward(prompt)
+    policy = MaskPolicy("sts", budget=24, sink=2, window=8)
+    sparsity = Sparsity(policy, LayerHeadMap.proportional(target.config, draft.config, "kv"))
+    out = []
+    for block in ([5, 6, 7, 8, 9], [11, 12, 13, 14, 15]):
+        draft.start_scores("kv", "max")
+        for token in block[:-1]:
+            out.append(draft.forward([token]))
+        mask = sparsity.mask(target, draft.read_scores(target.length, on_device=True))
+        out.append(target.forward(block, all_logits=True, mask=mask))
+        target.rollback(target.length - 3)  # two of the block's tokens are kept
+        draft.rollback(target.length)
+    return out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the model routes attention to the kernels on a GPU only")
 def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch):
-    """Draft scores, device selection and sparse verification through the kernels, end to end,
-    against the same model with the kernels switched off (the plain gather paths)."""
+    """Draft scores, device selection and sparse verification through the kernels, replayed as
+    CUDA graphs, then eagerly, against the same model with kernels and graphs off (plain paths)."""
     import sts_edge.backends.cuda.model as cuda_model
 
+    target_dir = make_model("llama3", head_dim=64, num_hidden_layers=3)
+    draft_dir = make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2)
+    graphed = _two_rounds(target_dir, draft_dir, "cuda", "float16")
+    monkeypatch.setenv("STS_EDGE_CUDA_GRAPHS", "0")
+    eager = _two_rounds(target_dir, draft_dir, "cuda", "float16")
+    monkeypatch.setattr(cuda_model, "use_kernels", lambda q: False)
+    plain = _two_rounds(target_dir, draft_dir, "cuda", "float16")
+    for got_graphed, got_eager, want in zip(graphed, eager, plain):
+        np.testing.assert_allclose(got_eager, want, rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(got_graphed, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors through the interpreter; on a GPU "
+                    "test_model_on_gpu_gives_the_plain_paths_logits covers this path, captured")
+def test_device_side_start_matches_the_plain_paths(make_model):
+    """The form a CUDA graph captures (position as a device tensor, launch shape from a bound),
+    run through the kernels on the CPU, against the same forward at a Python int position."""
     from sts_edge import load
+    from sts_edge.backends.cuda.graphs import StaticSets
+    from sts_edge.backends.cuda.model import ScoreCollection
     from sts_edge.mask import LayerHeadMap, MaskPolicy
     from sts_edge.speculative import Sparsity
 
     target_dir = make_model("llama3", head_dim=64, num_hidden_layers=3)
     draft_dir = make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2)
-    policy = MaskPolicy("sts", budget=24, sink=2, window=8)
-    prompt = np.random.default_rng(0).integers(3, 200, 180).tolist()
-    block = [5, 6, 7, 8, 9]
+    engine = load(target_dir, draft=draft_dir, backend="torch-cpu", max_seq_len=320, dtype="float16")
+    target, draft = engine.target, engine.draft
+    prompt = np.random.default_rng(1).integers(3, 200, 150).tolist()
+    target.forward(prompt)
+    draft.forward(prompt)
+    start, device_start, bound = 150, torch.tensor([150], dtype=torch.int32), 256
+    ids = torch.tensor([7])
+    with torch.inference_mode():
+        # Draft step with scores: plain path (int start) vs kernels (device start).
+        buffers = [torch.zeros(2, 2, 320), torch.zeros(2, 2, 320)]
+        want = draft.model(ids, start, False, scores=ScoreCollection(buffers[0], "max", "kv"))
+        got = draft.model(ids, device_start, False, scores=ScoreCollection(buffers[1], "max", "kv"), bound=bound)
+        np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(buffers[1].numpy(), buffers[0].numpy(), rtol=2e-2, atol=1e-4)
 
-    def verify_logits() -> np.ndarray:
-        engine = load(target_dir, draft=draft_dir, backend="cuda", max_seq_len=256, dtype="float16")
-        target, draft = engine.target, engine.draft
-        target.forward(prompt)
-        draft.forward(prompt)
+        # Verification with STS sets: the VerificationMask (int start) vs StaticSets (device start).
+        policy = MaskPolicy("sts", budget=24, sink=2, window=8)
         sparsity = Sparsity(policy, LayerHeadMap.proportional(target.config, draft.config, "kv"))
-        draft.start_scores("kv", "max")
-        for token in block[:-1]:
-            draft.forward([token])
-        mask = sparsity.mask(target, draft.read_scores(target.length, on_device=True))
-        return target.forward(block, all_logits=True, mask=mask)
-
-    with_kernels = verify_logits()
-    monkeypatch.setattr(cuda_model, "use_kernels", lambda q: False)
-    plain = verify_logits()
-    np.testing.assert_allclose(with_kernels, plain, rtol=2e-2, atol=2e-2)
+        mask = sparsity.mask(target, buffers[0][:, :, :start])
+        block = torch.tensor([5, 6, 7, 8, 9])
+        want = target.model(block, start, True, mask=mask)
+        got = target.model(block, device_start, True, mask=StaticSets(mask.device_sets(), mask), bound=bound)
+        np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=2e-2, atol=2e-2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sts_edge.triton_kernels.verify_attention import KernelInputError, split_attention
 
 AGGREGATIONS = ("max", "sum")
@@ -23,9 +24,14 @@ GRANULARITIES = ("kv", "query")
 @triton.jit
 def _fold_scores_kernel(
     Logits, Lse, Scores,
-    stride_lh, stride_ln, stride_su, length,
+    stride_lh, stride_ln, stride_su, Start,
     N: tl.constexpr, HEADS_PER_UNIT: tl.constexpr, BLOCK_L: tl.constexpr, SUM: tl.constexpr,
+    START_IN_MEMORY: tl.constexpr,
 ):
+    if START_IN_MEMORY:
+        length = tl.load(Start) + N
+    else:
+        length = Start + N
     unit = tl.program_id(0).to(tl.int64)
     pos = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     ok = pos < length
@@ -44,11 +50,12 @@ def draft_attention_with_scores(
     q: torch.Tensor,
     cache_k: torch.Tensor,
     cache_v: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     scores: torch.Tensor,
     aggregation: str = "max",
     granularity: str = "kv",
     *,
+    bound: int | None = None,
     num_splits: int | None = None,
     check: bool = True,
 ) -> torch.Tensor:
@@ -56,11 +63,16 @@ def draft_attention_with_scores(
 
     scores: [units, capacity] float32 (units: KV heads, or query heads at "query" granularity),
     rows 0..start+n folded with the max (or sum) of this call's attention probabilities.
-    Returns [heads, n, head_dim], as split_attention does.
+    Returns [heads, n, head_dim], as split_attention does. A device-side `start` (for CUDA
+    graphs) needs `bound`, as in split_attention.
     """
     heads, n, _ = q.shape
     kv_heads = cache_k.shape[0]
-    if check:
+    in_memory = isinstance(start, torch.Tensor)
+    if in_memory and bound is None:
+        raise KernelInputError("a device-side start needs `bound`, the largest start the launch must cover")
+    reach = bound if in_memory else start
+    if check and not in_memory:
         if aggregation not in AGGREGATIONS or granularity not in GRANULARITIES:
             raise KernelInputError(
                 f"aggregation must be one of {AGGREGATIONS} and granularity one of {GRANULARITIES}, "
@@ -71,14 +83,16 @@ def draft_attention_with_scores(
             raise KernelInputError(f"scores must be float32 [{units}, >= {start + n}], got {scores.dtype} {tuple(scores.shape)}")
         if scores.stride(1) != 1:
             raise KernelInputError("score rows must be contiguous")
-    length = start + n
+    length = reach + n
     logits = torch.empty(heads, n, length, dtype=torch.float32, device=q.device)
     lse = torch.empty(heads * n, dtype=torch.float32, device=q.device)
-    out = split_attention(q, cache_k, cache_v, start, logits=logits, lse=lse, num_splits=num_splits, check=check)
+    out = split_attention(q, cache_k, cache_v, start, logits=logits, lse=lse, bound=bound, num_splits=num_splits,
+                          check=check)
     heads_per_unit = heads // kv_heads if granularity == "kv" else 1
     block_l = 1024
     _fold_scores_kernel[(heads // heads_per_unit, triton.cdiv(length, block_l))](
-        logits, lse, scores, logits.stride(0), logits.stride(1), scores.stride(0), length,
-        N=n, HEADS_PER_UNIT=heads_per_unit, BLOCK_L=block_l, SUM=aggregation == "sum", num_warps=4,
+        logits, lse, scores, logits.stride(0), logits.stride(1), scores.stride(0), start,
+        N=n, HEADS_PER_UNIT=heads_per_unit, BLOCK_L=block_l, SUM=aggregation == "sum", START_IN_MEMORY=in_memory,
+        num_warps=4,
     )
     return out

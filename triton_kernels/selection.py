@@ -10,6 +10,7 @@ layer usually stands in for several target layers), then map the sets to target 
 from __future__ import annotations
 
 import torch
+
 from sts_edge.triton_kernels.verify_attention import KernelInputError
 
 

@@ -44,11 +44,15 @@ def _split_attention_kernel(
     Q, K, V, Idx, Offsets, Opart, Lpart, Logits,
     stride_qh, stride_qn, stride_kh, stride_kr, stride_vh, stride_vr,
     stride_lh, stride_ln,
-    start, rows_per_split, num_splits, qk_scale,
+    Start, rows_per_split, num_splits, qk_scale,
     N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SELF: tl.constexpr,
-    DENSE: tl.constexpr, WRITE_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
+    DENSE: tl.constexpr, WRITE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, START_IN_MEMORY: tl.constexpr,
 ):
+    if START_IN_MEMORY:  # a CUDA graph replays one launch at every position: read it on the device
+        start = tl.load(Start)
+    else:
+        start = Start
     kv_head = tl.program_id(0).to(tl.int64)  # 64-bit offsets: caches can pass 2^31 elements
     split = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
@@ -237,11 +241,12 @@ def split_attention(
     q: torch.Tensor,
     cache_k: torch.Tensor,
     cache_v: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     indices: torch.Tensor | None = None,
     offsets: torch.Tensor | None = None,
     longest: int | None = None,
     *,
+    bound: int | None = None,
     logits: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
@@ -259,15 +264,24 @@ def split_attention(
     With `logits` [heads, n, >= start + n] float32, the log2-domain logits of every row read are
     stored there (rows not read are left alone); with `lse` [heads * n] float32, each query's
     log2-sum-exp. Returns [heads, n, head_dim] in q's dtype.
+
+    For CUDA graphs, `start` may be a one-element int32 device tensor read by the kernel, with
+    `bound` >= start fixing the launch shape (and the logits' width); inputs are then trusted.
     """
+    in_memory = isinstance(start, torch.Tensor)
+    if in_memory:
+        if bound is None:
+            raise KernelInputError("a device-side start needs `bound`, the largest start the launch must cover")
+        check = False
     if check:
         _check_inputs(q, cache_k, cache_v, start)
+    reach = bound if in_memory else start  # the most context rows any list can hold
     heads, n, head_dim = q.shape
     kv_heads = cache_k.shape[0]
     group = heads // kv_heads
     dense = indices is None
     if dense:
-        longest = start
+        longest = reach
         indices = offsets = q  # unused by the kernel
     else:
         if offsets is None:
@@ -285,9 +299,9 @@ def split_attention(
     opart = torch.empty(kv_heads * (num_splits + 1) * block_m * head_dim, dtype=torch.float32, device=q.device)
     lpart = torch.empty(kv_heads * (num_splits + 1) * block_m, dtype=torch.float32, device=q.device)
     write_logits = logits is not None
-    if write_logits and (logits.dtype != torch.float32 or logits.shape[:2] != (heads, n) or logits.shape[2] < start + n
+    if write_logits and (logits.dtype != torch.float32 or logits.shape[:2] != (heads, n) or logits.shape[2] < reach + n
                          or logits.stride(2) != 1):
-        raise KernelInputError(f"logits must be float32 [{heads}, {n}, >= {start + n}] with rows contiguous")
+        raise KernelInputError(f"logits must be float32 [{heads}, {n}, >= {reach + n}] with rows contiguous")
     if not write_logits:
         logits = lpart
     _split_attention_kernel[(kv_heads, num_splits + 1)](
@@ -297,6 +311,7 @@ def split_attention(
         start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E,
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,
         DENSE=dense, WRITE_LOGITS=write_logits, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+        START_IN_MEMORY=in_memory,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(q)

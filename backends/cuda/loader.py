@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from sts_edge.backends.cuda.model import ScoreCollection, Transformer
 
 from sts_edge.backend import check_forward
+from sts_edge.backends.cuda.graphs import DecodeGraphs
+from sts_edge.backends.cuda.model import ScoreCollection, Transformer
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationMask, units
@@ -31,6 +33,8 @@ class TorchCausalLM:
         self._scores: ScoreCollection | None = None  # set while a draft round collects scores
         self._score_buffer: torch.Tensor | None = None  # kept across rounds, zeroed at each start
         model.setup_cache(capacity)
+        # Decode-sized forwards replay CUDA graphs on a GPU (STS_EDGE_CUDA_GRAPHS=0 turns them off).
+        self.graphs = DecodeGraphs(model, capacity) if os.environ.get("STS_EDGE_CUDA_GRAPHS", "1") != "0" else None
 
     @property
     def length(self) -> int:
@@ -41,7 +45,10 @@ class TorchCausalLM:
         start, n = self._length, len(tokens)
         check_forward(start, n, self.capacity, mask)
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
-        logits = self.model(ids, start, all_logits, mask=mask, scores=self._scores)
+        if self.graphs is not None and self.graphs.accepts(start, n, mask):
+            logits = self.graphs.run(ids, start, all_logits, mask, self._scores)
+        else:
+            logits = self.model(ids, start, all_logits, mask=mask, scores=self._scores)
         self._length = start + n
         return logits.float().cpu().numpy()
 

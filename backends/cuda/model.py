@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from sts_edge.backends.cuda.attention import (
     attend,
     attend_and_score,
@@ -20,8 +22,6 @@ from sts_edge.backends.cuda.attention import (
     split_attention,
     use_kernels,
 )
-from torch import nn
-
 from sts_edge.config import ModelConfig
 from sts_edge.mask import VerificationMask
 
@@ -60,8 +60,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(kv_heads, capacity, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(kv_heads, capacity, head_dim, dtype=dtype, device=device), persistent=False)
 
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store rows start..start+n and return the live rows 0..start+n."""
+    def write(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Store rows start..start+n and return the live rows 0..start+n.
+
+        `start` may be a device tensor (inside a CUDA graph): the rows are then written by index
+        and nothing is returned, since the live length is only known on the device.
+        """
+        if isinstance(start, torch.Tensor):
+            positions = start + torch.arange(k.shape[1], device=start.device)
+            self.k.index_copy_(1, positions, k)
+            self.v.index_copy_(1, positions, v)
+            return None
         end = start + k.shape[1]
         self.k[:, start:end] = k
         self.v[:, start:end] = v
@@ -94,9 +103,10 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        start: int,
+        start: int | torch.Tensor,
         mask: VerificationMask | None = None,
         scores: ScoreCollection | None = None,
+        bound: int | None = None,
     ) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.n_heads, self.head_dim)
@@ -106,7 +116,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(0, 1), cos, sin)
         k = apply_rope(k.transpose(0, 1), cos, sin)
-        keys, values = self.cache.write(start, k, v.transpose(0, 1))
+        live = self.cache.write(start, k, v.transpose(0, 1))
+        if live is None:  # a device-side start (CUDA graph): the kernels read the position there
+            return self.o_proj(self._graphed_attention(q, start, bound, mask, scores).transpose(0, 1).reshape(n, -1))
+        keys, values = live
         indices = None
         if mask is not None:  # a verification block: ask the policy for this layer's sets
             qk = (q.float().cpu().numpy(), keys.float().cpu().numpy()) if mask.needs_queries else ()
@@ -134,6 +147,18 @@ class Attention(nn.Module):
             out = attend(q, keys, values, start)  # [heads, n, head_dim]
         return self.o_proj(out.transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
 
+    def _graphed_attention(self, q: torch.Tensor, start: torch.Tensor, bound: int, mask, scores) -> torch.Tensor:
+        """The kernel paths with the position on the device; `mask` gives device sets or None."""
+        indices = mask.sets_for(self.layer) if mask is not None else None
+        if indices is not None:
+            return split_attention(q, self.cache.k, self.cache.v, start, indices.flatten(),
+                                   csr_offsets(self.n_kv_heads, indices.shape[1], q.device), indices.shape[1],
+                                   bound=bound, check=False)
+        if scores is not None:
+            return draft_attention_with_scores(q, self.cache.k, self.cache.v, start, scores.buffer[self.layer],
+                                               scores.aggregation, scores.granularity, bound=bound, check=False)
+        return split_attention(q, self.cache.k, self.cache.v, start, bound=bound, check=False)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -154,7 +179,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, **attention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor,
+                **attention) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, **attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -182,21 +208,28 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        start: int,
+        start: int | torch.Tensor,
         all_logits: bool,
         mask: VerificationMask | None = None,
         scores: ScoreCollection | None = None,
+        bound: int | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [n] placed at positions start..start+n: [n, vocab], or [1, vocab].
 
         With `mask`, the tokens are a verification block and each layer reads the sets the mask
         policy gives it; with `scores`, the attention probabilities are folded into them.
+        `start` may be a one-element device tensor, with `bound` >= start: the form a CUDA graph
+        captures (GPU kernels only; loader.py's DecodeGraphs).
         """
-        end = start + tokens.shape[0]
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        if isinstance(start, torch.Tensor):
+            positions = start + torch.arange(tokens.shape[0], device=start.device)
+            cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
+        else:
+            end = start + tokens.shape[0]
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, start, mask=mask, scores=scores)
+            x = layer(x, cos, sin, start, mask=mask, scores=scores, bound=bound)
         x = self.norm(x if all_logits else x[-1:])
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head)

@@ -8,10 +8,10 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from sts_edge.backends.mlx.attention import ScoreCollection
-from sts_edge.backends.mlx.model import KVCache, Transformer
 
 from sts_edge.backend import check_forward
+from sts_edge.backends.mlx.attention import ScoreCollection
+from sts_edge.backends.mlx.model import KVCache, Transformer
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationMask, units

@@ -9,8 +9,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from sts_edge.backends.mlx.attention import ScoreCollection, attend, attend_and_score, sparse_attend
 
+from sts_edge.backends.mlx.attention import ScoreCollection, attend, attend_and_score, sparse_attend
 from sts_edge.config import ModelConfig
 from sts_edge.mask import VerificationMask
 
