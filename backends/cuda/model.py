@@ -219,7 +219,7 @@ class Transformer(nn.Module):
         With `mask`, the tokens are a verification block and each layer reads the sets the mask
         policy gives it; with `scores`, the attention probabilities are folded into them.
         `start` may be a one-element device tensor, with `bound` >= start: the form a CUDA graph
-        captures (GPU kernels only; loader.py's DecodeGraphs).
+        captures (GPU kernels only; graphs.py's DecodeGraphs).
         """
         if isinstance(start, torch.Tensor):
             positions = start + torch.arange(tokens.shape[0], device=start.device)
