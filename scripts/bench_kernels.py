@@ -104,9 +104,12 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err
 
 
-def random_lists(kv_heads: int, context: int, kept: int, device: str) -> torch.Tensor:
-    """Sorted random sets [kv_heads, kept] of positions < context."""
-    return torch.rand(kv_heads, context, device=device).topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+def random_lists(kv_heads: int, context: int, kept: int, device: str, run: int = 1) -> torch.Tensor:
+    """Sorted random sets [kv_heads, kept] of positions < context: single rows (the worst case for
+    gathers), or whole runs of `run` consecutive rows (Quest-like pages; real attention clusters)."""
+    pages = torch.rand(kv_heads, context // run, device=device).topk(kept // run, dim=-1).indices.sort(dim=-1).values
+    rows = (pages[..., None] * run + torch.arange(run, device=device)).flatten(1)
+    return rows.to(torch.int32)
 
 
 def bench_verify(contexts: list[int], queries: list[int], budgets: list[str], copy_gbs: float) -> list[dict]:
@@ -136,9 +139,11 @@ def bench_verify(contexts: list[int], queries: list[int], budgets: list[str], co
                          "sdpa_rel_error": sdpa_err})
             print(f"ctx {context:>6} n {n} dense: ours {dense_us:8.1f} us ({dense_bw / copy_gbs:5.1%} of copy)  "
                   f"SDPA {sdpa_us:8.1f} us", flush=True)
-            for budget in budgets:
+            runs = [(budget, 1) for budget in budgets] + [(budget, 16) for budget in budgets if budget.endswith("%")]
+            for budget, run in runs:
                 kept = int(context * float(budget[:-1]) / 100) if budget.endswith("%") else int(budget)
-                lists = [random_lists(kv_heads, context, kept, "cuda") for _ in sets]
+                kept -= kept % run
+                lists = [random_lists(kv_heads, context, kept, "cuda", run) for _ in sets]
                 offsets = csr_offsets(kv_heads, kept, torch.device("cuda"))
                 ref = sparse_attend(q.float(), k.float(), v.float(), context, lists[0].long())
                 err = rel_error(split_attention(q, k, v, context, lists[0].flatten(), offsets, kept), ref)
@@ -150,10 +155,11 @@ def bench_verify(contexts: list[int], queries: list[int], budgets: list[str], co
                 read = 2 * kv_heads * (kept + n) * head_dim * 2 + kv_heads * kept * 4
                 bw = read / sparse_us / 1e3
                 rows.append({"kernel": "sparse", "context": context, "queries": n, "budget": budget, "kept": kept,
+                             "lists": "random rows" if run == 1 else f"random runs of {run} rows",
                              "time_us": sparse_us, "bytes_read": read, "bandwidth_gbs": bw, "copy_fraction": bw / copy_gbs,
                              "vs_dense": dense_us / sparse_us, "vs_sdpa": sdpa_us / sparse_us,
                              "vs_gather": gather_us / sparse_us, "gather_us": gather_us, "rel_error": err})
-                print(f"    budget {budget:>5} ({kept:>6} rows): {sparse_us:7.1f} us ({bw / copy_gbs:5.1%} of copy)  "
+                print(f"    budget {budget:>5} ({kept:>6} rows, runs of {run:>2}): {sparse_us:7.1f} us ({bw / copy_gbs:5.1%} of copy)  "
                       f"x{dense_us / sparse_us:5.1f} vs dense  x{sdpa_us / sparse_us:5.1f} vs SDPA  "
                       f"x{gather_us / sparse_us:5.1f} vs gather  err {err:.1e}", flush=True)
             del sets
