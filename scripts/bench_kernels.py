@@ -14,8 +14,8 @@ Sections (--sections):
           verification, dense speculative decoding against STS (see scripts/bench_round.py).
 
 Every kernel is checked against a float32 reference before it is timed. Times are medians of
-CUDA-graph replays (so launch overhead is out), each replay cycling over enough copies of the
-inputs to exceed the L2 cache; bandwidth counts the bytes the kernel must read (selected K/V rows,
+CUDA-graph replays of at least 16 calls each (so launch overhead is out), cycling over enough copies
+of the inputs to exceed the L2 cache, and fresh index lists for every call; bandwidth counts the bytes the kernel must read (selected K/V rows,
 the block's rows, the index lists).
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import statistics
 import sys
@@ -41,8 +42,16 @@ TARGET = dict(heads=32, kv_heads=8, head_dim=128)  # Llama-3.1-8B attention
 DRAFT = dict(heads=32, kv_heads=8, head_dim=64)  # Llama-3.2-1B attention
 
 
+MIN_CALLS = 16
+
+
 def time_graph(calls: list[Callable[[], object]], replays: int = 30) -> float:
-    """Median microseconds per call, from CUDA-graph replays of all `calls` in a row."""
+    """Median microseconds per call, from CUDA-graph replays of all `calls` in a row.
+
+    The list is repeated up to MIN_CALLS calls per graph: a replay's own launch costs several
+    microseconds (about 7 us on an H100, as much as a short kernel), which in the runtime is spread
+    over a whole decode step's graph, so it is spread here too."""
+    calls = calls * -(-MIN_CALLS // len(calls))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -143,15 +152,16 @@ def bench_verify(contexts: list[int], queries: list[int], budgets: list[str], co
             for budget, run in runs:
                 kept = int(context * float(budget[:-1]) / 100) if budget.endswith("%") else int(budget)
                 kept -= kept % run
-                lists = [random_lists(kv_heads, context, kept, "cuda", run) for _ in sets]
+                # Fresh lists for every call in a graph, so repeated calls do not find their rows in L2.
+                lists = [random_lists(kv_heads, context, kept, "cuda", run) for _ in range(max(len(sets), MIN_CALLS))]
                 offsets = csr_offsets(kv_heads, kept, torch.device("cuda"))
                 ref = sparse_attend(q.float(), k.float(), v.float(), context, lists[0].long())
                 err = rel_error(split_attention(q, k, v, context, lists[0].flatten(), offsets, kept), ref)
                 sparse_us = time_graph([lambda s=s, idx=idx: split_attention(s[0], s[1], s[2], context, idx.flatten(), offsets,
                                                                              kept, check=False)
-                                        for s, idx in zip(sets, lists)])
+                                        for s, idx in zip(itertools.cycle(sets), lists)])
                 gather_us = time_graph([lambda s=s, idx=idx: sparse_attend(s[0], s[1], s[2], context, idx.long())
-                                        for s, idx in zip(sets, lists)])
+                                        for s, idx in zip(itertools.cycle(sets), lists)])
                 read = 2 * kv_heads * (kept + n) * head_dim * 2 + kv_heads * kept * 4
                 bw = read / sparse_us / 1e3
                 rows.append({"kernel": "sparse", "context": context, "queries": n, "budget": budget, "kept": kept,
@@ -215,7 +225,8 @@ def tune(copy_gbs: float) -> list[dict]:
         k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         q = torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
-        idx = None if kept is None else random_lists(kv_heads, context, kept, "cuda").flatten()
+        lists = [None] if kept is None else [random_lists(kv_heads, context, kept, "cuda").flatten()
+                                             for _ in range(MIN_CALLS)]
         offsets = None if kept is None else csr_offsets(kv_heads, kept, torch.device("cuda"))
         read = 2 * kv_heads * ((kept or context) + n) * head_dim * 2 + (kv_heads * kept * 4 if kept else 0)
         results = []
@@ -224,9 +235,10 @@ def tune(copy_gbs: float) -> list[dict]:
                 for warps in (4, 8):
                     for stages in (2, 3, 4):
                         try:
-                            us = time_graph([lambda: split_attention(q, k, v, context, idx, offsets, kept, num_splits=splits,
-                                                                     block_n=block_n, num_warps=warps, num_stages=stages,
-                                                                     check=False)], replays=20)
+                            us = time_graph([lambda idx=idx: split_attention(q, k, v, context, idx, offsets, kept,
+                                                                             num_splits=splits, block_n=block_n,
+                                                                             num_warps=warps, num_stages=stages, check=False)
+                                             for idx in lists], replays=20)
                         except Exception as err:  # noqa: BLE001 (out of shared memory for some tiles)
                             print(f"  block_n {block_n} warps {warps} stages {stages}: {type(err).__name__}", flush=True)
                             continue
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
         "copy_bandwidth_gbs": copy_gbs, "target_layer": TARGET, "draft_layer": DRAFT, "dtype": "bfloat16",
-        "timing": "median of CUDA-graph replays, inputs rotated past the L2 cache",
+        "timing": "median of CUDA-graph replays of >= 16 calls, inputs rotated past the L2 cache, fresh index lists per call",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

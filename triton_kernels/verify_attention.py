@@ -33,6 +33,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, how CI runs these kernels) stores bf16 as uint16
 # and its tl.dot then multiplies the raw integers; there, bf16 tiles are upcast before each dot.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+PDL_DEFAULT = os.environ.get("STS_EDGE_PDL", "1") == "1"
 
 
 class KernelInputError(ValueError):
@@ -48,6 +49,7 @@ def _split_attention_kernel(
     N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SELF: tl.constexpr,
     DENSE: tl.constexpr, WRITE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, START_IN_MEMORY: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     if START_IN_MEMORY:  # a CUDA graph replays one launch at every position: read it on the device
         start = tl.load(Start)
@@ -124,6 +126,8 @@ def _split_attention_kernel(
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v)
 
+    if USE_PDL:  # the merge kernel may start launching now; it waits for these stores in gdc_wait
+        tl.extra.cuda.gdc_launch_dependents()
     # Partial results: normalised output and log2-sum-exp of this split (-inf when it saw nothing).
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("-inf"))
@@ -137,9 +141,11 @@ def _merge_kernel(
     Opart, Lpart, Out, Lse,
     stride_oh, stride_on, num_splits,
     N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr,
+    BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One program per (query head, query): out = sum_s w_s * out_s, w_s = 2^(lse_s - lse)."""
+    if USE_PDL:  # launched before the split kernel finished (programmatic dependent launch)
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)  # head * N + query
     head = row // N
     query = row % N
@@ -233,6 +239,11 @@ def _num_splits(longest: int, kv_heads: int, device: torch.device) -> int:
 
 
 @functools.cache
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -254,6 +265,7 @@ def split_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     check: bool = True,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Attention of q [heads, n, head_dim] at positions start..start+n over a KV cache.
 
@@ -265,10 +277,16 @@ def split_attention(
     stored there (rows not read are left alone); with `lse` [heads * n] float32, each query's
     log2-sum-exp. Returns [heads, n, head_dim] in q's dtype.
 
+    `pdl`: launch the merge kernel with programmatic dependent launch (Hopper and later), so its
+    launch overlaps the split kernel's tail; by default on where the GPU has it, unless the
+    environment sets STS_EDGE_PDL=0.
+
     For CUDA graphs, `start` may be a one-element int32 device tensor read by the kernel, with
     `bound` >= start fixing the launch shape (and the logits' width); inputs are then trusted.
     """
     in_memory = isinstance(start, torch.Tensor)
+    if pdl is None:
+        pdl = PDL_DEFAULT and q.is_cuda and _capability(q.device) >= 9
     if in_memory:
         if bound is None:
             raise KernelInputError("a device-side start needs `bound`, the largest start the launch must cover")
@@ -311,13 +329,14 @@ def split_attention(
         start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E,
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,
         DENSE=dense, WRITE_LOGITS=write_logits, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-        START_IN_MEMORY=in_memory,
+        START_IN_MEMORY=in_memory, USE_PDL=pdl,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(q)
     write_lse = lse is not None
     _merge_kernel[(heads * n,)](
         opart, lpart, out, lse if write_lse else lpart, out.stride(0), out.stride(1), num_splits,
-        N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_S=16, WRITE_LSE=write_lse, num_warps=4,
+        N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_S=16, WRITE_LSE=write_lse, USE_PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
