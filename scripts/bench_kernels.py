@@ -14,9 +14,9 @@ Sections (--sections):
           verification, dense speculative decoding against STS (see scripts/bench_round.py).
 
 Every kernel is checked against a float32 reference before it is timed. Times are medians of
-CUDA-graph replays of at least 16 calls each (so launch overhead is out), cycling over enough copies
-of the inputs to exceed the L2 cache, and fresh index lists for every call; bandwidth counts the bytes the kernel must read (selected K/V rows,
-the block's rows, the index lists).
+CUDA-graph replays of at least 16 calls each (so launch overhead is out), cycling over enough
+copies of the inputs to exceed the L2 cache and over fresh index lists for every call; bandwidth
+counts the bytes the kernel must read (selected K/V rows, the block's rows, the index lists).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def time_graph(calls: list[Callable[[], object]], replays: int = 30) -> float:
     """Median microseconds per call, from CUDA-graph replays of all `calls` in a row.
 
     The list is repeated up to MIN_CALLS calls per graph: a replay's own launch costs several
-    microseconds (about 7 us on an H100, as much as a short kernel), which in the runtime is spread
+    microseconds (about 7 us on an H100 in one comparison, as much as a short kernel), which in the runtime is spread
     over a whole decode step's graph, so it is spread here too."""
     calls = calls * -(-MIN_CALLS // len(calls))
     stream = torch.cuda.Stream()

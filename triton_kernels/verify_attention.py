@@ -286,7 +286,7 @@ def split_attention(
     """
     in_memory = isinstance(start, torch.Tensor)
     if pdl is None:
-        pdl = PDL_DEFAULT and q.is_cuda and _capability(q.device) >= 9
+        pdl = PDL_DEFAULT and not INTERPRETED and q.is_cuda and _capability(q.device) >= 9
     if in_memory:
         if bound is None:
             raise KernelInputError("a device-side start needs `bound`, the largest start the launch must cover")
@@ -337,6 +337,6 @@ def split_attention(
     _merge_kernel[(heads * n,)](
         opart, lpart, out, lse if write_lse else lpart, out.stride(0), out.stride(1), num_splits,
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_S=16, WRITE_LSE=write_lse, USE_PDL=pdl, num_warps=4,
-        **({"launch_pdl": True} if pdl else {}),
+        launch_pdl=pdl,
     )
     return out
