@@ -9,6 +9,9 @@ Sections (--sections):
   draft   the draft's decode attention with STS scores (Llama-3.2-1B layer: 32/8 heads,
           head_dim 64) against the same kernel without scores and SDPA;
   select  top-B selection with sink and window for every layer of the target in one call;
+  ceiling what reading the same bytes costs with no attention at all, at 128K with 10% kept: a
+          Triton kernel that only gathers the rows (best of a small sweep), the same kernel on
+          contiguous rows, and torch.sum over as many contiguous bytes; the sparse kernel beside them;
   round   one speculative round (gamma 4, budget 512) of Llama-3.1-8B-shaped target and
           Llama-3.2-1B-shaped draft with random weights, split into draft, selection and
           verification, dense speculative decoding against STS (see scripts/bench_round.py).
@@ -32,6 +35,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from sts_edge.backends.cuda.attention import attend, attend_and_score, causal_block_mask, sparse_attend
 from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores
@@ -217,6 +222,79 @@ def bench_select(contexts: list[int], budgets: list[int], layers: int = 32, kv_h
     return rows
 
 
+@triton.jit
+def _read_rows_kernel(K, V, Idx, Sums, rows_per_program, stride_kh, stride_kr, rows_per_head,
+                      BLOCK_N: tl.constexpr, D: tl.constexpr, GATHER: tl.constexpr):
+    """Sum K and V rows (a list's rows with GATHER, else rows 0..rows_per_head): the reads of the
+    sparse kernel without its attention, its second kernel or its partial results."""
+    head = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    d = tl.arange(0, D)
+    lo = part * rows_per_program
+    hi = tl.minimum(lo + rows_per_program, rows_per_head)
+    total = tl.zeros([BLOCK_N, D], tl.float32)
+    for r in range(lo, hi, BLOCK_N):
+        pos = r + tl.arange(0, BLOCK_N)
+        ok = pos < hi
+        if GATHER:
+            rows = tl.load(Idx + head * rows_per_head + pos, mask=ok, other=0).to(tl.int64)
+        else:
+            rows = pos.to(tl.int64)
+        k = tl.load(K + head * stride_kh + rows[:, None] * stride_kr + d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + head * stride_kh + rows[:, None] * stride_kr + d[None, :], mask=ok[:, None], other=0.0)
+        total += k.to(tl.float32) + v.to(tl.float32)
+    tl.store(Sums + (head * tl.num_programs(1) + part) * D + d, tl.sum(total, 0))
+
+
+def bench_ceiling(copy_gbs: float, context: int = 131072, fraction: float = 0.1) -> dict:
+    """How fast can the sparse kernel's bytes be read at all? Times reads of exactly those rows with
+    no attention math and no merge, so the sparse kernel's share of copy bandwidth has a yardstick."""
+    heads, kv_heads, head_dim = TARGET.values()
+    kept = int(context * fraction)
+    k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lists = [random_lists(kv_heads, context, kept, "cuda").flatten() for _ in range(MIN_CALLS)]
+    rows_read = 2 * kv_heads * kept * head_dim * 2 + kv_heads * kept * 4
+    slabs = context // kept - 1  # contiguous reads take a different slab per call, so none is in L2
+
+    def read_rows(block_n: int, warps: int, programs_per_head: int, gather: bool) -> float:
+        per_program = triton.cdiv(triton.cdiv(kept, programs_per_head), block_n) * block_n
+        grid = (kv_heads, triton.cdiv(kept, per_program))
+        sums = torch.empty(kv_heads * grid[1] * head_dim, device="cuda")
+
+        def launch(keys, values, idx):
+            _read_rows_kernel[grid](keys, values, idx, sums, per_program, keys.stride(0), keys.stride(1), kept,
+                                    BLOCK_N=block_n, D=head_dim, GATHER=gather, num_warps=warps, num_stages=2)
+        if gather:
+            return time_graph([lambda idx=idx: launch(k, v, idx) for idx in lists])
+        return time_graph([lambda j=j: launch(k[:, j * kept:], v[:, j * kept:], lists[0]) for j in range(slabs)])
+
+    record: dict = {"context": context, "kept": kept, "bytes": rows_read, "rows": []}
+
+    def add(kind: str, us: float, **config) -> None:
+        record["rows"].append({"kind": kind, **config, "time_us": us, "copy_fraction": rows_read / us / 1e3 / copy_gbs})
+
+    for gather in (True, False):
+        for block_n, warps, programs in ((64, 4, 33), (64, 8, 33), (128, 4, 33), (128, 8, 16), (128, 4, 16)):
+            add("triton gather read" if gather else "triton contiguous read", read_rows(block_n, warps, programs, gather),
+                block_n=block_n, warps=warps, programs_per_kv_head=programs)
+    flat = torch.randn(4, rows_read // 2, device="cuda", dtype=torch.bfloat16)
+    add("torch.sum, contiguous", time_graph([lambda x=x: x.sum() for x in flat]))
+    del flat
+    offsets = csr_offsets(kv_heads, kept, torch.device("cuda"))
+    for n in (1, 5):
+        q = torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
+        us = time_graph([lambda idx=idx: split_attention(q, k, v, context, idx, offsets, kept, check=False) for idx in lists])
+        add(f"sparse verification, {n} queries", us)
+    best = {}
+    for row in record["rows"]:
+        if row["kind"] not in best or row["time_us"] < best[row["kind"]]["time_us"]:
+            best[row["kind"]] = row
+    for kind, row in best.items():
+        print(f"ceiling {kind:>32}: {row['time_us']:6.1f} us ({row['copy_fraction']:5.1%} of copy)", flush=True)
+    return record
+
+
 def tune(copy_gbs: float) -> list[dict]:
     """Sweep the verification kernel's launch settings on the cases the bars are set on."""
     heads, kv_heads, head_dim = TARGET.values()
@@ -257,15 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="8192,32768,131072")
     parser.add_argument("--queries", default="1,5,8", help="gamma + 1 values")
     parser.add_argument("--budgets", default="256,512,2048,10%")
-    parser.add_argument("--sections", default="verify,draft,select,round")
+    parser.add_argument("--sections", default="verify,draft,ceiling,select,round")
     parser.add_argument("--round-contexts", default="32768,131072")
     parser.add_argument("--out", default="benchmarks/results/kernels.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU (the kernels are tested on the CPU by pytest instead)", file=sys.stderr)
         return 1
-    import triton
-
     contexts = [int(c) for c in args.contexts.split(",")]
     sections = args.sections.split(",")
     copy_gbs = copy_bandwidth()
@@ -286,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(record, indent=1))
     if "draft" in sections:
         record["draft"] = bench_draft(contexts, copy_gbs)
+        out.write_text(json.dumps(record, indent=1))
+    if "ceiling" in sections:
+        record["ceiling"] = bench_ceiling(copy_gbs)
         out.write_text(json.dumps(record, indent=1))
     if "select" in sections:
         record["select"] = bench_select(contexts, [256, 512, 2048])

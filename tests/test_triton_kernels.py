@@ -109,6 +109,15 @@ def test_dense_verification_matches_reference(heads, kv_heads, head_dim, n, dtyp
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[dtype]
 
 
+def test_merge_takes_more_splits_than_one_pass():
+    """Over 64 splits the merge folds them in several passes, rescaling as its running max grows."""
+    start = 1100
+    q, k, v = make_inputs(8, 2, 64, 3, start, torch.bfloat16, seed=11)
+    k[:, 1000:1010] *= 4  # the largest logits sit in a late split, so the running max must move
+    out = split_attention(q, k, v, start, num_splits=70, block_n=16)
+    assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[torch.bfloat16]
+
+
 def test_empty_context_reads_only_the_block():
     q, k, v = make_inputs(4, 2, 64, 4, 0, torch.float16, seed=3)
     out = split_attention(q, k, v, 0)
