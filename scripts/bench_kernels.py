@@ -254,7 +254,8 @@ def bench_ceiling(copy_gbs: float, context: int = 131072, fraction: float = 0.1)
     k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     lists = [random_lists(kv_heads, context, kept, "cuda").flatten() for _ in range(MIN_CALLS)]
-    rows_read = 2 * kv_heads * kept * head_dim * 2 + kv_heads * kept * 4
+    rows_bytes = 2 * kv_heads * kept * head_dim * 2  # the K and V rows
+    index_bytes = kv_heads * kept * 4
     slabs = context // kept - 1  # contiguous reads take a different slab per call, so none is in L2
 
     def read_rows(block_n: int, warps: int, programs_per_head: int, gather: bool) -> float:
@@ -269,23 +270,25 @@ def bench_ceiling(copy_gbs: float, context: int = 131072, fraction: float = 0.1)
             return time_graph([lambda idx=idx: launch(k, v, idx) for idx in lists])
         return time_graph([lambda j=j: launch(k[:, j * kept:], v[:, j * kept:], lists[0]) for j in range(slabs)])
 
-    record: dict = {"context": context, "kept": kept, "bytes": rows_read, "rows": []}
+    record: dict = {"context": context, "kept": kept, "rows": []}
 
-    def add(kind: str, us: float, **config) -> None:
-        record["rows"].append({"kind": kind, **config, "time_us": us, "copy_fraction": rows_read / us / 1e3 / copy_gbs})
+    def add(kind: str, us: float, read: int, **config) -> None:
+        record["rows"].append({"kind": kind, **config, "time_us": us, "bytes_read": read,
+                               "copy_fraction": read / us / 1e3 / copy_gbs})
 
     for gather in (True, False):
         for block_n, warps, programs in ((64, 4, 33), (64, 8, 33), (128, 4, 33), (128, 8, 16), (128, 4, 16)):
             add("triton gather read" if gather else "triton contiguous read", read_rows(block_n, warps, programs, gather),
-                block_n=block_n, warps=warps, programs_per_kv_head=programs)
-    flat = torch.randn(4, rows_read // 2, device="cuda", dtype=torch.bfloat16)
-    add("torch.sum, contiguous", time_graph([lambda x=x: x.sum() for x in flat]))
+                rows_bytes + index_bytes if gather else rows_bytes, block_n=block_n, warps=warps,
+                programs_per_kv_head=programs)
+    flat = torch.randn(4, rows_bytes // 2, device="cuda", dtype=torch.bfloat16)
+    add("torch.sum, contiguous", time_graph([lambda x=x: x.sum() for x in flat]), rows_bytes)
     del flat
     offsets = csr_offsets(kv_heads, kept, torch.device("cuda"))
     for n in (1, 5):
         q = torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
         us = time_graph([lambda idx=idx: split_attention(q, k, v, context, idx, offsets, kept, check=False) for idx in lists])
-        add(f"sparse verification, {n} queries", us)
+        add(f"sparse verification, {n} queries", us, rows_bytes + index_bytes + 2 * kv_heads * n * head_dim * 2)
     best = {}
     for row in record["rows"]:
         if row["kind"] not in best or row["time_us"] < best[row["kind"]]["time_us"]:
