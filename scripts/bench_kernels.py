@@ -314,7 +314,7 @@ def tune(copy_gbs: float) -> list[dict]:
         for block_n in (32, 64, 128):
             for splits in (8, 16, 32, 64):
                 for warps in (4, 8):
-                    for stages in (2, 3, 4):
+                    for stages in (2, 3, 4, 5, 7):  # with lists: one gather buffer at 2-4, two at 5-6, three at 7
                         try:
                             us = time_graph([lambda idx=idx: split_attention(q, k, v, context, idx, offsets, kept,
                                                                              num_splits=splits, block_n=block_n,

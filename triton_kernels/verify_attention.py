@@ -234,11 +234,11 @@ def check_index_lists(indices: torch.Tensor, offsets: torch.Tensor, kv_heads: in
             raise KernelInputError("each KV head's index list must be sorted ascending without repeats")
 
 
-def _num_splits(longest: int, kv_heads: int, device: torch.device) -> int:
-    """About two programs per multiprocessor, none shorter than 128 rows (the best of a sweep on
-    an H100: scripts/bench_kernels.py --sections tune)."""
+def _num_splits(longest: int, kv_heads: int, device: torch.device, shortest: int) -> int:
+    """About two programs per multiprocessor, none shorter than `shortest` rows (the best of a sweep
+    on an H100: scripts/bench_kernels.py --sections tune)."""
     programs = 2 * (_multiprocessors(device) if device.type == "cuda" else 4)
-    return max(1, min(math.ceil(programs / kv_heads), math.ceil(longest / 128)))
+    return max(1, min(math.ceil(programs / kv_heads), math.ceil(longest / shortest)))
 
 
 @functools.cache
@@ -264,9 +264,9 @@ def split_attention(
     logits: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 128,
+    block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     check: bool = True,
     pdl: bool | None = None,
 ) -> torch.Tensor:
@@ -286,6 +286,7 @@ def split_attention(
 
     For CUDA graphs, `start` may be a one-element int32 device tensor read by the kernel, with
     `bound` >= start fixing the launch shape (and the logits' width); inputs are then trusted.
+    `num_splits`, `block_n`, `num_warps`, `num_stages`: launch settings; the defaults are tuned.
     """
     in_memory = isinstance(start, torch.Tensor)
     if pdl is None:
@@ -311,8 +312,13 @@ def split_attention(
             check_index_lists(indices, offsets, kv_heads, start)
         if longest is None:
             longest = int((offsets[1:] - offsets[:-1]).max())
+    # Launch settings: the best of sweeps on an H100 (README, "GPU kernels"; --sections tune). With
+    # index lists Triton's pipeliner shares num_stages - 1 stages between the index load and the
+    # gathers it feeds, so 5 stages give the gathers two buffers where 2-4 give them one.
+    block_n = block_n or (128 if dense else 32)
+    num_stages = num_stages or (2 if dense else 5)
     if num_splits is None:
-        num_splits = _num_splits(longest, kv_heads, q.device)
+        num_splits = _num_splits(longest, kv_heads, q.device, shortest=block_n)
     rows_per_split = max(block_n, triton.cdiv(triton.cdiv(max(longest, 1), num_splits), block_n) * block_n)
     num_splits = max(1, triton.cdiv(longest, rows_per_split))
     block_m = max(16, triton.next_power_of_2(group * n))
