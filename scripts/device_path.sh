@@ -2,6 +2,8 @@
 # On a machine where the project cannot be pip-installed (the lent GPU machine has no registry),
 # lay the package out as pyproject.toml maps it and print a PYTHONPATH for it:
 #   export PYTHONPATH=$(scripts/device_path.sh)
+# then run tests with `pytest`, not `python -m pytest`: that puts the checkout itself first on
+# sys.path, whose sts_edge/ lacks the backends and kernels laid out here.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 site=${1:-/tmp/sts_edge_site}
