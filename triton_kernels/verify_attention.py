@@ -234,11 +234,11 @@ def check_index_lists(indices: torch.Tensor, offsets: torch.Tensor, kv_heads: in
             raise KernelInputError("each KV head's index list must be sorted ascending without repeats")
 
 
-def _num_splits(longest: int, kv_heads: int, device: torch.device, shortest: int) -> int:
-    """About two programs per multiprocessor, none shorter than `shortest` rows (the best of a sweep
-    on an H100: scripts/bench_kernels.py --sections tune)."""
+def _num_splits(kv_heads: int, device: torch.device) -> int:
+    """About two programs per multiprocessor (the best of a sweep on an H100: scripts/bench_kernels.py
+    --sections tune). The launcher makes no split shorter than one tile, so short lists get fewer."""
     programs = 2 * (_multiprocessors(device) if device.type == "cuda" else 4)
-    return max(1, min(math.ceil(programs / kv_heads), math.ceil(longest / shortest)))
+    return math.ceil(programs / kv_heads)
 
 
 @functools.cache
@@ -318,7 +318,7 @@ def split_attention(
     block_n = block_n or (128 if dense else 32)
     num_stages = num_stages or (2 if dense else 5)
     if num_splits is None:
-        num_splits = _num_splits(longest, kv_heads, q.device, shortest=block_n)
+        num_splits = _num_splits(kv_heads, q.device)
     rows_per_split = max(block_n, triton.cdiv(triton.cdiv(max(longest, 1), num_splits), block_n) * block_n)
     num_splits = max(1, triton.cdiv(longest, rows_per_split))
     block_m = max(16, triton.next_power_of_2(group * n))
