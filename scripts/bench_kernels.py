@@ -54,8 +54,8 @@ def time_graph(calls: list[Callable[[], object]], replays: int = 30) -> float:
     """Median microseconds per call, from CUDA-graph replays of all `calls` in a row.
 
     The list is repeated up to MIN_CALLS calls per graph: a replay's own launch costs several
-    microseconds (about 7 us on an H100 in one comparison, as much as a short kernel), which in the runtime is spread
-    over a whole decode step's graph, so it is spread here too."""
+    microseconds (about 7 us on an H100 in one comparison, as much as a short kernel), which in the
+    runtime is spread over a whole decode step's graph, so it is spread here too."""
     calls = calls * -(-MIN_CALLS // len(calls))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -126,12 +126,24 @@ def random_lists(kv_heads: int, context: int, kept: int, device: str, run: int =
     return rows.to(torch.int32)
 
 
+def fresh_lists(kv_heads: int, context: int, kept: int, calls: int, run: int = 1) -> list[torch.Tensor]:
+    """One flat list set (kv_heads * kept rows, int32) per call in a graph, so repeated calls do
+    not find their rows in L2."""
+    return [random_lists(kv_heads, context, kept, "cuda", run).flatten() for _ in range(max(calls, MIN_CALLS))]
+
+
+def bytes_read(kv_heads: int, head_dim: int, rows: int, n: int, indexed: bool) -> int:
+    """What one attention call must read: the bf16 K and V of `rows` context rows and of the block's
+    n rows, plus the int32 index lists when the rows are `indexed`."""
+    return 2 * kv_heads * (rows + n) * head_dim * 2 + (kv_heads * rows * 4 if indexed else 0)
+
+
 def bench_verify(contexts: list[int], queries: list[int], budgets: list[str], copy_gbs: float) -> list[dict]:
     heads, kv_heads, head_dim = TARGET.values()
     rows = []
     for context in contexts:
         for n in queries:
-            cache_bytes = 2 * kv_heads * (context + n) * head_dim * 2
+            cache_bytes = bytes_read(kv_heads, head_dim, context, n, indexed=False)
             copies = copies_for(cache_bytes)
             sets = []
             for _ in range(copies):
@@ -157,17 +169,17 @@ def bench_verify(contexts: list[int], queries: list[int], budgets: list[str], co
             for budget, run in runs:
                 kept = int(context * float(budget[:-1]) / 100) if budget.endswith("%") else int(budget)
                 kept -= kept % run
-                # Fresh lists for every call in a graph, so repeated calls do not find their rows in L2.
-                lists = [random_lists(kv_heads, context, kept, "cuda", run) for _ in range(max(len(sets), MIN_CALLS))]
+                lists = fresh_lists(kv_heads, context, kept, len(sets), run)
                 offsets = csr_offsets(kv_heads, kept, torch.device("cuda"))
-                ref = sparse_attend(q.float(), k.float(), v.float(), context, lists[0].long())
-                err = rel_error(split_attention(q, k, v, context, lists[0].flatten(), offsets, kept), ref)
-                sparse_us = time_graph([lambda s=s, idx=idx: split_attention(s[0], s[1], s[2], context, idx.flatten(), offsets,
+                ref = sparse_attend(q.float(), k.float(), v.float(), context, lists[0].view(kv_heads, kept).long())
+                err = rel_error(split_attention(q, k, v, context, lists[0], offsets, kept), ref)
+                sparse_us = time_graph([lambda s=s, idx=idx: split_attention(s[0], s[1], s[2], context, idx, offsets,
                                                                              kept, check=False)
                                         for s, idx in zip(itertools.cycle(sets), lists)])
-                gather_us = time_graph([lambda s=s, idx=idx: sparse_attend(s[0], s[1], s[2], context, idx.long())
+                gather_us = time_graph([lambda s=s, idx=idx: sparse_attend(s[0], s[1], s[2], context,
+                                                                           idx.view(kv_heads, kept).long())
                                         for s, idx in zip(itertools.cycle(sets), lists)])
-                read = 2 * kv_heads * (kept + n) * head_dim * 2 + kv_heads * kept * 4
+                read = bytes_read(kv_heads, head_dim, kept, n, indexed=True)
                 bw = read / sparse_us / 1e3
                 rows.append({"kernel": "sparse", "context": context, "queries": n, "budget": budget, "kept": kept,
                              "lists": "random rows" if run == 1 else f"random runs of {run} rows",
@@ -185,7 +197,7 @@ def bench_draft(contexts: list[int], copy_gbs: float) -> list[dict]:
     heads, kv_heads, head_dim = DRAFT.values()
     rows = []
     for context in contexts:
-        cache_bytes = 2 * kv_heads * (context + 1) * head_dim * 2
+        cache_bytes = bytes_read(kv_heads, head_dim, context, 1, indexed=False)
         sets = []
         for _ in range(copies_for(cache_bytes)):
             k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -253,7 +265,7 @@ def bench_ceiling(copy_gbs: float, context: int = 131072, fraction: float = 0.1)
     kept = int(context * fraction)
     k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    lists = [random_lists(kv_heads, context, kept, "cuda").flatten() for _ in range(MIN_CALLS)]
+    lists = fresh_lists(kv_heads, context, kept, MIN_CALLS)
     rows_bytes = 2 * kv_heads * kept * head_dim * 2  # the K and V rows
     index_bytes = kv_heads * kept * 4
     slabs = context // kept - 1  # contiguous reads take a different slab per call, so none is in L2
@@ -288,7 +300,7 @@ def bench_ceiling(copy_gbs: float, context: int = 131072, fraction: float = 0.1)
     for n in (1, 5):
         q = torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
         us = time_graph([lambda idx=idx: split_attention(q, k, v, context, idx, offsets, kept, check=False) for idx in lists])
-        add(f"sparse verification, {n} queries", us, rows_bytes + index_bytes + 2 * kv_heads * n * head_dim * 2)
+        add(f"sparse verification, {n} queries", us, bytes_read(kv_heads, head_dim, kept, n, indexed=True))
     best = {}
     for row in record["rows"]:
         if row["kind"] not in best or row["time_us"] < best[row["kind"]]["time_us"]:
@@ -306,10 +318,9 @@ def tune(copy_gbs: float) -> list[dict]:
         k = torch.randn(kv_heads, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         q = torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
-        lists = [None] if kept is None else [random_lists(kv_heads, context, kept, "cuda").flatten()
-                                             for _ in range(MIN_CALLS)]
+        lists = [None] if kept is None else fresh_lists(kv_heads, context, kept, MIN_CALLS)
         offsets = None if kept is None else csr_offsets(kv_heads, kept, torch.device("cuda"))
-        read = 2 * kv_heads * ((kept or context) + n) * head_dim * 2 + (kv_heads * kept * 4 if kept else 0)
+        read = bytes_read(kv_heads, head_dim, kept or context, n, indexed=kept is not None)
         results = []
         for block_n in (32, 64, 128):
             for splits in (8, 16, 32, 64):
