@@ -173,11 +173,9 @@ def _merge_kernel(
         acc = acc * rescale + tl.sum(part * w[:, None], 0)
         total = total * rescale + tl.sum(w, 0)
         top = new_top
-    norm = total
-    top_max = top
-    tl.store(Out + head * stride_oh + query * stride_on + d, (acc / norm).to(Out.dtype.element_ty))
+    tl.store(Out + head * stride_oh + query * stride_on + d, (acc / total).to(Out.dtype.element_ty))
     if WRITE_LSE:
-        tl.store(Lse + row, top_max + tl.math.log2(norm))
+        tl.store(Lse + row, top + tl.math.log2(total))
 
 
 def _check_inputs(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> None:
@@ -278,7 +276,7 @@ def split_attention(
     the block. `longest` is the longest list (computed, with a sync, when not given).
     With `logits` [heads, n, >= start + n] float32, the log2-domain logits of every row read are
     stored there (rows not read are left alone); with `lse` [heads * n] float32, each query's
-    log2-sum-exp. Returns [heads, n, head_dim] in q's dtype.
+    log2-sum-exp. Returns [heads, n, head_dim] in q's dtype (a view of [n, heads, head_dim]).
 
     `pdl`: launch the merge kernel with programmatic dependent launch (Hopper and later), so its
     launch overlaps the split kernel's tail; by default on where the GPU has it, unless the
@@ -319,7 +317,8 @@ def split_attention(
     num_stages = num_stages or (2 if dense else 5)
     if num_splits is None:
         num_splits = _num_splits(kv_heads, q.device)
-    rows_per_split = max(block_n, triton.cdiv(triton.cdiv(max(longest, 1), num_splits), block_n) * block_n)
+    # Whole tiles per split (at least one), then only as many splits as the longest list fills.
+    rows_per_split = triton.cdiv(triton.cdiv(max(longest, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(longest, rows_per_split))
     block_m = max(16, triton.next_power_of_2(group * n))
     block_self = max(16, triton.next_power_of_2(n))
@@ -341,7 +340,9 @@ def split_attention(
         START_IN_MEMORY=in_memory, USE_PDL=pdl,
         num_warps=num_warps, num_stages=num_stages,
     )
-    out = torch.empty_like(q)
+    # Stored token-major, so that the caller's [n, heads * head_dim] for the output projection
+    # is a view, not one more copy kernel per layer.
+    out = torch.empty(n, heads, head_dim, dtype=q.dtype, device=q.device).transpose(0, 1)
     write_lse = lse is not None
     _merge_kernel[(heads * n,)](
         opart, lpart, out, lse if write_lse else lpart, out.stride(0), out.stride(1), num_splits,
