@@ -279,7 +279,7 @@ def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch):
     graphed = _two_rounds(target_dir, draft_dir, "cuda", "float16")
     monkeypatch.setenv("STS_EDGE_CUDA_GRAPHS", "0")
     eager = _two_rounds(target_dir, draft_dir, "cuda", "float16")
-    monkeypatch.setattr(cuda_model, "use_kernels", lambda q: False)
+    monkeypatch.setattr(cuda_model, "use_kernels", lambda *args: False)
     plain = _two_rounds(target_dir, draft_dir, "cuda", "float16")
     for got_graphed, got_eager, want in zip(graphed, eager, plain):
         np.testing.assert_allclose(got_eager, want, rtol=2e-2, atol=2e-2)

@@ -21,11 +21,10 @@ __all__ = ["attend", "attend_and_score", "sparse_attend", "use_kernels", "split_
            "draft_attention_with_scores", "csr_offsets"]
 
 
-def use_kernels(q: torch.Tensor) -> bool:
-    """Whether this attention call goes to the Triton kernels: a decode-sized block on a GPU,
+def use_kernels(device: torch.device, dtype: torch.dtype, n: int, head_dim: int) -> bool:
+    """Whether a forward of n tokens goes to the Triton kernels: a decode-sized block on a GPU,
     in a dtype and head size they are built for."""
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] in HEAD_DIMS
-            and q.shape[1] <= MAX_QUERIES)
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim in HEAD_DIMS and n <= MAX_QUERIES
 
 
 def causal_block_mask(start: int, n: int, device: torch.device) -> torch.Tensor:

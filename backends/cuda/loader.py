@@ -32,7 +32,7 @@ class TorchCausalLM:
         self._length = 0
         self._scores: ScoreCollection | None = None  # set while a draft round collects scores
         self._score_buffer: torch.Tensor | None = None  # kept across rounds, zeroed at each start
-        model.setup_cache(capacity)
+        model.prepare_decoding(capacity)
         # Decode-sized forwards replay CUDA graphs on a GPU (STS_EDGE_CUDA_GRAPHS=0 turns them off).
         self.graphs = DecodeGraphs(model, capacity) if os.environ.get("STS_EDGE_CUDA_GRAPHS", "1") != "0" else None
 
@@ -107,6 +107,9 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:  # shape mismatches: config.json and weights disagree
         raise ModelLoadError(f"{model_dir}: weights do not match config.json: {err}") from None
+    # The model holds the weights now. Dropping the dict's references lets prepare_decoding stack
+    # the projections one layer at a time instead of keeping a second copy of them all.
+    del state
     return TorchCausalLM(model.eval(), max_seq_len)
 
 

@@ -25,6 +25,11 @@ from sts_edge.backends.cuda.attention import (
 from sts_edge.config import ModelConfig
 from sts_edge.mask import VerificationMask
 
+try:  # the fused per-token kernels of the GPU path (Triton); see Transformer.forward
+    from sts_edge.triton_kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
+except ImportError:
+    rms_norm = rope_and_cache = silu_mul = None
+
 
 @dataclass
 class ScoreCollection:
@@ -60,21 +65,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(kv_heads, capacity, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(kv_heads, capacity, head_dim, dtype=dtype, device=device), persistent=False)
 
-    def write(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Store rows start..start+n and return the live rows 0..start+n.
-
-        `start` may be a device tensor (inside a CUDA graph): the rows are then written by index
-        and nothing is returned, since the live length is only known on the device.
-        """
-        if isinstance(start, torch.Tensor):
-            positions = start + torch.arange(k.shape[1], device=start.device)
-            self.k.index_copy_(1, positions, k)
-            self.v.index_copy_(1, positions, v)
-            return None
-        end = start + k.shape[1]
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
-        return self.k[:, :end], self.v[:, :end]
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [kv_heads, n, head_dim] at rows start..start+n (the plain path; the GPU
+        path writes them in layer_ops.rope_and_cache)."""
+        self.k[:, start : start + k.shape[1]] = k
+        self.v[:, start : start + k.shape[1]] = v
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -97,6 +92,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.cache: KVCache | None = None
+        self.qkv_weight: torch.Tensor | None = None  # [q; k; v] (fuse_projections)
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -107,45 +107,55 @@ class Attention(nn.Module):
         mask: VerificationMask | None = None,
         scores: ScoreCollection | None = None,
         bound: int | None = None,
+        kernels: bool = False,
     ) -> torch.Tensor:
+        """Attention of x [n, hidden] at positions start..start+n; cos/sin are the rotary tables
+        of those positions, or with `kernels` the whole tables (the kernel indexes them)."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(0, 1), cos, sin)
-        k = apply_rope(k.transpose(0, 1), cos, sin)
-        live = self.cache.write(start, k, v.transpose(0, 1))
-        if live is None:  # a device-side start (CUDA graph): the kernels read the position there
-            return self.o_proj(self._graphed_attention(q, start, bound, mask, scores).transpose(0, 1).reshape(n, -1))
-        keys, values = live
+        if kernels:  # one matrix product for q, k, v; one kernel for the norms, rotation, cache write
+            norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps) \
+                if hasattr(self, "q_norm") else {}
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            q = rope_and_cache(qkv, cos, sin, self.cache.k, self.cache.v, start, self.n_heads, **norms)
+        else:
+            q = self.q_proj(x).view(n, self.n_heads, self.head_dim)
+            k = self.k_proj(x).view(n, self.n_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
+            if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rope(q.transpose(0, 1), cos, sin)
+            self.cache.write(start, apply_rope(k.transpose(0, 1), cos, sin), v.transpose(0, 1))
+        if isinstance(start, torch.Tensor):  # a device-side start (CUDA graph): the kernels read the position there
+            out = self._graphed_attention(q, start, bound, mask, scores)
+        else:
+            out = self._attention(q, start, mask, scores, kernels)
+        return self.o_proj(out.transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
+
+    def _attention(self, q: torch.Tensor, start: int, mask: VerificationMask | None, scores: ScoreCollection | None,
+                   kernels: bool) -> torch.Tensor:
+        """q [heads, n, head_dim] over the live cache rows 0..start+n: [heads, n, head_dim].
+        With `kernels` the Triton kernels (triton_kernels/), else the plain paths, which are also
+        the kernels' references."""
+        keys, values = self.cache.k[:, : start + q.shape[1]], self.cache.v[:, : start + q.shape[1]]
         indices = None
         if mask is not None:  # a verification block: ask the policy for this layer's sets
             qk = (q.float().cpu().numpy(), keys.float().cpu().numpy()) if mask.needs_queries else ()
             indices = mask.sets_for(self.layer, *qk)
-        # On a GPU, decode-sized blocks go through the Triton kernels (triton_kernels/); prefill and
-        # the CPU take the plain paths, which are also the kernels' references.
-        kernels = use_kernels(q)
         if indices is not None:
             rows = torch.as_tensor(indices, device=q.device)
             if kernels and rows.shape[0] == self.n_kv_heads:  # one set per KV head: the kernel's layout
-                out = split_attention(q, self.cache.k, self.cache.v, start, rows.to(torch.int32).flatten(),
-                                      csr_offsets(self.n_kv_heads, rows.shape[1], q.device), rows.shape[1], check=False)
-            else:
-                out = sparse_attend(q, self.cache.k, self.cache.v, start, rows.long())
-        elif scores is not None:  # a draft step: also fold attention into the round's scores
+                return split_attention(q, self.cache.k, self.cache.v, start, rows.to(torch.int32).flatten(),
+                                       csr_offsets(self.n_kv_heads, rows.shape[1], q.device), rows.shape[1], check=False)
+            return sparse_attend(q, self.cache.k, self.cache.v, start, rows.long())
+        if scores is not None:  # a draft step: also fold attention into the round's scores
             if kernels:
-                out = draft_attention_with_scores(q, self.cache.k, self.cache.v, start, scores.buffer[self.layer],
-                                                  scores.aggregation, scores.granularity, check=False)
-            else:
-                out = attend_and_score(q, keys, values, start, scores.buffer[self.layer], scores.aggregation,
-                                       scores.granularity)
-        elif kernels and start > 0:
-            out = split_attention(q, self.cache.k, self.cache.v, start, check=False)
-        else:
-            out = attend(q, keys, values, start)  # [heads, n, head_dim]
-        return self.o_proj(out.transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
+                return draft_attention_with_scores(q, self.cache.k, self.cache.v, start, scores.buffer[self.layer],
+                                                   scores.aggregation, scores.granularity, check=False)
+            return attend_and_score(q, keys, values, start, scores.buffer[self.layer], scores.aggregation,
+                                    scores.granularity)
+        if kernels and start > 0:
+            return split_attention(q, self.cache.k, self.cache.v, start, check=False)
+        return attend(q, keys, values, start)
 
     def _graphed_attention(self, q: torch.Tensor, start: torch.Tensor, bound: int, mask, scores) -> torch.Tensor:
         """The kernel paths with the position on the device; `mask` gives device sets or None."""
@@ -166,9 +176,33 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # [gate; up] (fuse_projections)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fuse_projections(self) -> None:
+        self.gate_up_weight, _ = fuse_linears(self.gate_proj, self.up_proj)
+
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        if kernels:
+            return self.down_proj(silu_mul(F.linear(x, self.gate_up_weight)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) stacking the linears' outputs, so that a decode step reads them in
+    one matrix product instead of several small ones. The linears keep views of it: nothing is
+    stored twice, and their own forwards (the plain path) are unchanged."""
+    with torch.no_grad():
+        weight = torch.cat([linear.weight for linear in linears])
+        has_bias = linears[0].bias is not None
+        bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
+        row = 0
+        for linear in linears:
+            rows = linear.weight.shape[0]
+            linear.weight.data = weight[row : row + rows]
+            if has_bias:
+                linear.bias.data = bias[row : row + rows]
+            row += rows
+    return weight, bias
 
 
 class Block(nn.Module):
@@ -184,6 +218,21 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, **attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_kernels(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                        start: int | torch.Tensor, **attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GPU path, where each residual add runs in the kernel of the norm after it: x is the
+        previous layer's output not yet added to `residual` (None before the first layer), and
+        this returns its own output and residual in the same form."""
+        norm = self.input_layernorm
+        if residual is None:  # the first layer: the embeddings are the residual stream
+            normed, residual = rms_norm(x, norm.weight, norm.eps), x
+        else:
+            normed, residual = rms_norm(x, norm.weight, norm.eps, residual)
+        x = self.self_attn(normed, cos, sin, start, kernels=True, **attention)
+        norm = self.post_attention_layernorm
+        normed, residual = rms_norm(x, norm.weight, norm.eps, residual)
+        return self.mlp(normed, kernels=True), residual
+
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -195,10 +244,13 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def setup_cache(self, capacity: int) -> None:
-        """Allocate the KV caches and the rotary tables for `capacity` positions."""
+    def prepare_decoding(self, capacity: int) -> None:
+        """Allocate the KV caches and the rotary tables for `capacity` positions, and fuse the
+        projections that the GPU path runs as one matrix product (after the weights are loaded)."""
         c, weight = self.config, self.embed_tokens.weight
         for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
             layer.self_attn.cache = KVCache(c.num_key_value_heads, capacity, c.head_dim, weight.dtype, weight.device)
         inv_freq = torch.tensor(c.rope_inv_freq(), dtype=torch.float64, device=weight.device)
         angles = torch.arange(capacity, dtype=torch.float64, device=weight.device)[:, None] * inv_freq
@@ -221,15 +273,23 @@ class Transformer(nn.Module):
         `start` may be a one-element device tensor, with `bound` >= start: the form a CUDA graph
         captures (GPU kernels only; graphs.py's DecodeGraphs).
         """
-        if isinstance(start, torch.Tensor):
-            positions = start + torch.arange(tokens.shape[0], device=start.device)
-            cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
-        else:
-            end = start + tokens.shape[0]
-            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        n, weight = tokens.shape[0], self.embed_tokens.weight
+        # Decode-sized blocks on a GPU (and every graph-captured forward) take the Triton kernels,
+        # fused norms and projections included; prefill and the CPU take the plain paths.
+        kernels = isinstance(start, torch.Tensor) or use_kernels(weight.device, weight.dtype, n, self.config.head_dim)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, start, mask=mask, scores=scores, bound=bound)
-        x = self.norm(x if all_logits else x[-1:])
+        if kernels:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer.forward_kernels(x, residual, self.rope_cos, self.rope_sin, start, mask=mask,
+                                                    scores=scores, bound=bound)
+            if not all_logits:
+                x, residual = x[-1:], residual[-1:]
+            x, _ = rms_norm(x, self.norm.weight, self.norm.eps, residual)
+        else:
+            cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]
+            for layer in self.layers:
+                x = layer(x, cos, sin, start, mask=mask, scores=scores)
+            x = self.norm(x if all_logits else x[-1:])
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head)

@@ -1,0 +1,215 @@
+"""The small per-token operations of a decoder layer, fused, for decode-sized blocks on the GPU.
+
+At batch size one the arithmetic outside the matrix products is tiny, but in plain PyTorch it
+is about forty kernels per layer (RMSNorm alone is eight: cast, square, mean, add, rsqrt,
+multiply, cast, scale), and every kernel costs a launch and a few microseconds even inside a
+CUDA graph. In a graph of one Llama-3.2-1B-shaped draft step at 32K on an H200 they took 0.9
+of its 2.6 ms (README, "GPU kernels"). Three kernels replace them:
+
+  * rms_norm: the residual add (optional) and RMSNorm in one pass over each row;
+  * rope_and_cache: from the fused q/k/v projection, the rotary embedding of q and k (after
+    Qwen3's per-head RMSNorm), k and v written to the cache at the block's positions, and q
+    laid out as [heads, n, head_dim] for the attention kernels;
+  * silu_mul: SwiGLU's silu(gate) * up.
+
+Each rounds to the model dtype wherever the plain path (backends/cuda/model.py) does, so the
+two agree up to the order of RMSNorm's float32 sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sts_edge.triton_kernels.verify_attention import DTYPES, KernelInputError
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """x rounded to the model dtype and back: what a PyTorch op in that dtype stores. (Triton's
+    CPU interpreter truncates to bfloat16 where GPUs round to nearest: 1 ulp apart there.)"""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, Residual, Summed, W, Out,
+    stride_x, stride_r, stride_s, stride_o, dim, eps,
+    BLOCK: tl.constexpr, ADD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < dim
+    dtype: tl.constexpr = Out.dtype.element_ty
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    if ADD:  # the residual stream: x + residual, stored in the model dtype as the plain path does
+        x = _round(x + tl.load(Residual + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32), dtype)
+        tl.store(Summed + row * stride_s + cols, x.to(dtype), mask=ok)
+    rstd = tl.math.rsqrt(tl.sum(x * x, 0) / dim + eps)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + cols, (w * _round(x * rstd, dtype)).to(dtype), mask=ok)
+
+
+@triton.jit
+def _rope_and_cache_kernel(
+    QKV, Cos, Sin, QNormW, KNormW, Qout, K, V, Start,
+    stride_t, stride_qh, stride_qn, stride_kh, stride_kr, stride_vh, stride_vr, eps,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+    QK_NORM: tl.constexpr, START_IN_MEMORY: tl.constexpr,
+):
+    """One program per (head of q, k or v, token): heads 0..HEADS are q, then KV_HEADS of k, then v."""
+    head = tl.program_id(0)
+    t = tl.program_id(1)
+    if START_IN_MEMORY:  # a CUDA graph replays one launch at every position: read it on the device
+        start = tl.load(Start)
+    else:
+        start = Start
+    pos = (start + t).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    ok = i < HALF
+    dtype: tl.constexpr = Qout.dtype.element_ty
+    src = QKV + t.to(tl.int64) * stride_t + head * (2 * HALF)
+    x1 = tl.load(src + i, mask=ok, other=0.0).to(tl.float32)  # rotate-half layout: the two halves
+    x2 = tl.load(src + HALF + i, mask=ok, other=0.0).to(tl.float32)
+    if head < HEADS + KV_HEADS:
+        if QK_NORM:  # Qwen3 normalises each q and k head before the rotation
+            if head < HEADS:
+                w1 = tl.load(QNormW + i, mask=ok, other=0.0).to(tl.float32)
+                w2 = tl.load(QNormW + HALF + i, mask=ok, other=0.0).to(tl.float32)
+            else:
+                w1 = tl.load(KNormW + i, mask=ok, other=0.0).to(tl.float32)
+                w2 = tl.load(KNormW + HALF + i, mask=ok, other=0.0).to(tl.float32)
+            rstd = tl.math.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
+            x1 = _round(w1 * _round(x1 * rstd, dtype), dtype)
+            x2 = _round(w2 * _round(x2 * rstd, dtype), dtype)
+        cos = tl.load(Cos + pos * HALF + i, mask=ok, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + pos * HALF + i, mask=ok, other=0.0).to(tl.float32)
+        # (x1 cos - x2 sin, x2 cos + x1 sin), each product rounded as PyTorch does in bf16/fp16.
+        y1 = (_round(x1 * cos, dtype) - _round(x2 * sin, dtype)).to(dtype)
+        y2 = (_round(x2 * cos, dtype) + _round(x1 * sin, dtype)).to(dtype)
+        if head < HEADS:
+            dst = Qout + head * stride_qh + t * stride_qn
+        else:
+            dst = K + (head - HEADS) * stride_kh + pos * stride_kr
+        tl.store(dst + i, y1, mask=ok)
+        tl.store(dst + HALF + i, y2, mask=ok)
+    else:
+        dst = V + (head - HEADS - KV_HEADS) * stride_vh + pos * stride_vr
+        tl.store(dst + i, x1.to(dtype), mask=ok)
+        tl.store(dst + HALF + i, x2.to(dtype), mask=ok)
+
+
+@triton.jit
+def _silu_mul_kernel(GateUp, Out, stride_g, stride_o, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < inter
+    dtype: tl.constexpr = Out.dtype.element_ty
+    gate = tl.load(GateUp + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(GateUp + row * stride_g + inter + cols, mask=ok, other=0.0).to(tl.float32)
+    silu = _round(gate / (1.0 + tl.exp(-gate)), dtype)
+    tl.store(Out + row * stride_o + cols, (silu * up).to(dtype), mask=ok)
+
+
+def _check_rows(name: str, x: torch.Tensor, width: int | None = None) -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise KernelInputError(f"{name} must be 2-D [tokens, features] with contiguous rows, got {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise KernelInputError(f"{name} must be bfloat16 or float16, got {x.dtype}")
+    if width is not None and x.shape[1] != width:
+        raise KernelInputError(f"{name} must have {width} features per row, got {x.shape[1]}")
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of each row of x [tokens, dim], scaled by weight [dim].
+
+    With `residual` (same shape and dtype) the rows normalised are x + residual, and the result
+    is (normalised, x + residual): the residual add that precedes each norm, in the same pass.
+    """
+    _check_rows("x", x)
+    dim = x.shape[1]
+    if weight.shape != (dim,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise KernelInputError(f"weight must be [{dim}] in {x.dtype} on {x.device}, got {tuple(weight.shape)} "
+                               f"{weight.dtype} on {weight.device}")
+    add = residual is not None
+    if add and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
+        raise KernelInputError(f"residual must match x ({tuple(x.shape)}, {x.dtype}), got {tuple(residual.shape)} "
+                               f"{residual.dtype}")
+    out = torch.empty_like(x)
+    summed = torch.empty_like(x) if add else out
+    residual = residual if add else x
+    block = triton.next_power_of_2(dim)
+    _rms_norm_kernel[(x.shape[0],)](
+        x, residual, summed, weight, out, x.stride(0), residual.stride(0), summed.stride(0), out.stride(0), dim, eps,
+        BLOCK=block, ADD=add, num_warps=8 if block > 4096 else 4,
+    )
+    return (out, summed) if add else out
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    start: int | torch.Tensor,
+    heads: int,
+    *,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    """Split the fused projection qkv [n, (heads + 2 kv_heads) * head_dim] at positions
+    start..start+n: rotate q and k by the tables cos/sin [capacity, head_dim // 2] (rotate-half
+    layout, indexed by position here), write k and v to cache rows start..start+n
+    ([kv_heads, capacity, head_dim]), and return q as [heads, n, head_dim].
+
+    `q_norm`/`k_norm` [head_dim]: RMSNorm weights applied to each head before the rotation
+    (Qwen3). `start` may be a one-element int32 device tensor (CUDA graphs); it is then trusted.
+    """
+    _check_rows("qkv", qkv)
+    kv_heads, capacity, head_dim = cache_k.shape
+    n = qkv.shape[0]
+    if head_dim % 2 or qkv.shape[1] != (heads + 2 * kv_heads) * head_dim:
+        raise KernelInputError(f"qkv must have (heads + 2 kv_heads) * head_dim = {(heads + 2 * kv_heads) * head_dim} "
+                               f"features for {heads} heads and the cache's {kv_heads} x {head_dim}, got {qkv.shape[1]}")
+    if cache_v.shape != cache_k.shape or cache_k.stride(2) != 1 or cache_v.stride(2) != 1:
+        raise KernelInputError(f"caches must be [kv_heads, capacity, head_dim] with contiguous rows, got "
+                               f"{tuple(cache_k.shape)} and {tuple(cache_v.shape)}")
+    tables = (cos, sin, cache_k, cache_v) + ((q_norm, k_norm) if q_norm is not None else ())
+    if any(t.dtype != qkv.dtype or t.device != qkv.device for t in tables):
+        raise KernelInputError(f"rotary tables, caches and norm weights must be {qkv.dtype} on {qkv.device}")
+    if cos.shape != sin.shape or cos.shape[1:] != (head_dim // 2,) or not cos.is_contiguous() or not sin.is_contiguous():
+        raise KernelInputError(f"rotary tables must be contiguous [positions, {head_dim // 2}], got {tuple(cos.shape)} "
+                               f"and {tuple(sin.shape)}")
+    in_memory = isinstance(start, torch.Tensor)
+    if not in_memory and not (0 <= start and start + n <= min(capacity, cos.shape[0])):
+        raise KernelInputError(f"positions {start}..{start + n} do not fit the cache ({capacity} rows) and rotary "
+                               f"tables ({cos.shape[0]} positions)")
+    q = torch.empty(heads, n, head_dim, dtype=qkv.dtype, device=qkv.device)
+    qk_norm = q_norm is not None
+    _rope_and_cache_kernel[(heads + 2 * kv_heads, n)](
+        qkv, cos, sin, q_norm if qk_norm else cos, k_norm if qk_norm else cos, q, cache_k, cache_v, start,
+        qkv.stride(0), q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_v.stride(0),
+        cache_v.stride(1), eps,
+        HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK=triton.next_power_of_2(head_dim // 2),
+        QK_NORM=qk_norm, START_IN_MEMORY=in_memory, num_warps=1,
+    )
+    return q
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [tokens, 2 * intermediate] = [gate | up] (SwiGLU)."""
+    _check_rows("gate_up", gate_up)
+    if gate_up.shape[1] % 2:
+        raise KernelInputError(f"gate_up must hold gate and up side by side (an even width), got {gate_up.shape[1]}")
+    inter = gate_up.shape[1] // 2
+    out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
+        gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+    )
+    return out
