@@ -118,6 +118,16 @@ def test_merge_takes_more_splits_than_one_pass():
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[torch.bfloat16]
 
 
+def test_device_side_start_reads_the_live_rows_with_a_larger_launch():
+    """A CUDA graph's launch is sized for its bucket's `bound`; the dense path spreads the rows
+    live at the device-side start over its splits and reads none past the block."""
+    start, n = 150, 3
+    q, k, v = make_inputs(8, 2, 64, n, start, torch.bfloat16, seed=3)
+    at = torch.tensor([start], dtype=torch.int32, device=DEVICE)
+    out = split_attention(q, k, v, at, bound=1000, num_splits=8, block_n=16)
+    assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[torch.bfloat16]
+
+
 def test_empty_context_reads_only_the_block():
     q, k, v = make_inputs(4, 2, 64, 4, 0, torch.float16, seed=3)
     out = split_attention(q, k, v, 0)

@@ -79,6 +79,8 @@ def _split_attention_kernel(
         if DENSE:
             seg_lo = 0
             seg_hi = start
+            if START_IN_MEMORY:  # the launch was sized for a graph's `bound`: spread the live rows over every split
+                rows_per_split = tl.cdiv(tl.cdiv(tl.maximum(start, 1), num_splits), BLOCK_N) * BLOCK_N
         else:
             seg_lo = tl.load(Offsets + kv_head)
             seg_hi = tl.load(Offsets + kv_head + 1)
