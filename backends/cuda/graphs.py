@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sts_edge.backends.cuda.attention import HEAD_DIMS, MAX_QUERIES, split_attention
+from sts_edge.backends.cuda.attention import use_kernels
 from sts_edge.mask import VerificationMask
 
 SMALLEST_BUCKET = 1024
@@ -65,10 +65,6 @@ class DecodeGraphs:
         self.capacity = capacity
         self.captured: dict[tuple, CapturedForward] = {}
         self.pool = None
-        config = model.config
-        weight = model.embed_tokens.weight
-        self.fits_kernels = (split_attention is not None and weight.is_cuda and config.head_dim in HEAD_DIMS
-                             and weight.dtype in (torch.bfloat16, torch.float16))
 
     def bound(self, start: int, n: int) -> int:
         """The bucket for a block at `start`: the smallest power of two > start, from 1024 on."""
@@ -76,7 +72,9 @@ class DecodeGraphs:
         return min(bucket, self.capacity - n)
 
     def accepts(self, start: int, n: int, mask: VerificationMask | None) -> bool:
-        if not (self.fits_kernels and 0 < start and n <= MAX_QUERIES and start <= self.bound(start, n)):
+        weight = self.model.embed_tokens.weight  # a graph replays the kernel path: only where it runs
+        if not (use_kernels(weight.device, weight.dtype, n, self.model.config.head_dim) and 0 < start
+                and start <= self.bound(start, n)):
             return False
         if mask is None:
             return True
