@@ -8,7 +8,9 @@ Sections (--sections):
           (a) our dense kernel, (b) SDPA, (c) the plain gather path, all in this run;
   draft   the draft's decode attention with STS scores (Llama-3.2-1B layer: 32/8 heads,
           head_dim 64) against the same kernel without scores and SDPA;
-  select  top-B selection with sink and window for every layer of the target in one call;
+  select  top-B selection with sink and window for every layer of the target in one call:
+          selection.py's torch.topk against the issue's alternative, a sorting-free threshold
+          kernel (below, not used by the runtime: it lost at 32K and 128K);
   ceiling what reading the same bytes costs with no attention at all, at 128K with 10% kept: a
           Triton kernel that only gathers the rows (best of a small sweep), the same kernel on
           contiguous rows, and torch.sum over as many contiguous bytes; the sparse kernel beside them;
@@ -223,14 +225,97 @@ def bench_draft(contexts: list[int], copy_gbs: float) -> list[dict]:
     return rows
 
 
+@triton.jit
+def _order_key(x):
+    """float32 scores as int64 keys in [0, 2^32) in the same order (NaN lowest, as in the reference)."""
+    bits = x.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(bits >= 0, bits + 2147483648, 2147483647 - (bits & 2147483647))
+    return tl.where(x != x, 0, key)
+
+
+@triton.jit
+def _threshold_select_kernel(Scores, Out, stride_row, context, sink, window, budget, keep,
+                             BLOCK: tl.constexpr, BITS: tl.constexpr):
+    """One program per score row: the sink, the budget best of positions sink..context-window, the
+    window, in position order."""
+    row = tl.program_id(0).to(tl.int64)
+    src = Scores + row * stride_row
+    dst = Out + row * keep
+    lo = sink
+    hi = context - window
+    bins = tl.arange(0, 1 << BITS)
+    # Radix select, BITS bits a pass from the top: the key of the budget-th largest score, and how
+    # many of the scores equal to it the set takes (the first ones by position).
+    prefix = tl.zeros([], tl.int64)
+    remaining = budget
+    for p in tl.static_range((32 + BITS - 1) // BITS):
+        shift = max(32 - BITS * (p + 1), 0)
+        top = 32 - BITS * p  # the bits above `top` are already decided
+        counts = tl.zeros([1 << BITS], tl.int32)
+        for start in range(lo, hi, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < hi
+            key = _order_key(tl.load(src + offs, mask=ok, other=0.0))
+            match = ok & ((key >> top) == (prefix >> top))
+            counts += tl.histogram(((key >> shift) & ((1 << (top - shift)) - 1)).to(tl.int32), 1 << BITS, mask=match)
+        at_least = tl.cumsum(counts, 0, reverse=True)  # keys with this digit or a larger one
+        digit = tl.sum((at_least >= remaining).to(tl.int32), 0) - 1
+        remaining -= tl.sum(tl.where(bins == digit, at_least - counts, 0), 0)
+        prefix += digit.to(tl.int64) << shift
+    for start in range(0, sink, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(dst + offs, offs, mask=offs < sink)
+    count = sink
+    ties = 0
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < hi
+        key = _order_key(tl.load(src + offs, mask=ok, other=0.0))
+        equal = ok & (key == prefix)
+        take = (ok & (key > prefix)) | (equal & (ties + tl.cumsum(equal.to(tl.int32), 0) <= remaining))
+        tl.store(dst + count + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)
+        count += tl.sum(take.to(tl.int32), 0)
+        ties += tl.sum(equal.to(tl.int32), 0)
+    for start in range(0, window, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(dst + sink + budget + offs, hi + offs, mask=offs < window)
+
+
+def threshold_sets(scores: torch.Tensor, context: int, budget: int, sink: int, window: int,
+                   block: int = 2048, bits: int = 8, warps: int = 8) -> torch.Tensor:
+    """select_sets' result from a sorting-free kernel: one program per score row finds the key of the
+    budget-th largest score by radix select (tl.histogram passes of `bits` bits), then writes the
+    positions at or above it in position order, so the set needs no sort."""
+    rows = scores.reshape(-1, scores.shape[-1])
+    keep = budget + sink + window
+    sets = torch.empty(rows.shape[0], keep, dtype=torch.int32, device=scores.device)
+    _threshold_select_kernel[(rows.shape[0],)](rows, sets, rows.stride(0), context, sink, window, budget, keep,
+                                               BLOCK=block, BITS=bits, num_warps=warps)
+    return sets.view(*scores.shape[:-1], keep)
+
+
+# Launch settings of the threshold kernel timed: eight-bit digits (four passes) with small and
+# large loads, and eleven-bit digits (three passes).
+THRESHOLD_SETTINGS = [(8, 2048, 8), (8, 8192, 16), (11, 8192, 8)]
+
+
 def bench_select(contexts: list[int], budgets: list[int], layers: int = 32, kv_heads: int = 8) -> list[dict]:
     rows = []
     for context in contexts:
         scores = torch.rand(layers, kv_heads, context, device="cuda")
         for budget in budgets:
+            want = select_sets(scores, context, budget, 4, 64)
             us = time_graph([lambda: select_sets(scores, context, budget, 4, 64)])
-            rows.append({"context": context, "budget": budget, "layers": layers, "kv_heads": kv_heads, "time_us": us})
-            print(f"select ctx {context:>6} budget {budget:>5}: {us:7.1f} us for {layers} layers", flush=True)
+            row = {"context": context, "budget": budget, "layers": layers, "kv_heads": kv_heads, "time_us": us,
+                   "threshold_us": {}}
+            for bits, block, warps in THRESHOLD_SETTINGS:
+                assert torch.equal(threshold_sets(scores, context, budget, 4, 64, block, bits, warps), want)
+                row["threshold_us"][f"bits {bits}, block {block}, warps {warps}"] = time_graph(
+                    [lambda: threshold_sets(scores, context, budget, 4, 64, block, bits, warps)])
+            best = min(row["threshold_us"], key=row["threshold_us"].get)
+            rows.append(row)
+            print(f"select ctx {context:>6} budget {budget:>5}: {us:7.1f} us for {layers} layers (torch.topk); "
+                  f"threshold kernel {row['threshold_us'][best]:7.1f} us at best ({best})", flush=True)
     return rows
 
 

@@ -2,8 +2,8 @@
 
 The same sets as sts_edge.mask.select_indices (the numpy reference), for every target layer of a
 verification pass in one call, in the CSR layout the verification kernel reads. torch.topk is
-used: on an H100 it beat a two-stage top-B (per 4K chunk, then over the candidates), and it is
-what scripts/bench_kernels.py times. Callers select once per distinct draft score row (a draft
+used: on an H100 it beat a two-stage top-B (per 4K chunk, then over the candidates), and on an
+H200 a sorting-free threshold kernel at 32K and 128K (scripts/bench_kernels.py times both). Callers select once per distinct draft score row (a draft
 layer usually stands in for several target layers), then map the sets to target layers.
 """
 
