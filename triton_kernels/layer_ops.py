@@ -1,10 +1,10 @@
 """The small per-token operations of a decoder layer, fused, for decode-sized blocks on the GPU.
 
 At batch size one the arithmetic outside the matrix products is tiny, but in plain PyTorch a
-layer launches about 48 kernels (RMSNorm alone is eight: cast, square, mean, add, rsqrt,
+layer launches about 50 kernels (RMSNorm alone is eight: cast, square, mean, add, rsqrt,
 multiply, cast, scale), and every kernel costs a launch and a few microseconds even inside a
-CUDA graph. In graph-captured steps at 32K on an H200 the small kernels and the gaps between
-them took 40-45% of the step (README, "GPU kernels"). Three kernels replace them:
+CUDA graph. Replacing them took 41-46% off a graph-captured step at 32K on an H200
+(scripts/profile_step.py; README, "GPU kernels"). Three kernels replace them:
 
   * rms_norm: the residual add (optional) and RMSNorm in one pass over each row;
   * rope_and_cache: from the fused q/k/v projection, the rotary embedding of q and k (after
