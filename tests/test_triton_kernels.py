@@ -109,6 +109,21 @@ def test_dense_verification_matches_reference(heads, kv_heads, head_dim, n, dtyp
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_query_tile_padded_past_the_packed_queries(dense):
+    """On Hopper the launcher pads a group's 4 heads x 5 queries to a 64-row tile (warpgroup MMAs);
+    the padding rows must reach neither the softmax of real rows nor the merged output."""
+    heads, kv_heads, n, start = 8, 2, 5, 150
+    q, k, v = make_inputs(heads, kv_heads, 64, n, start, torch.bfloat16, seed=21)
+    lists = None if dense else ragged_lists(kv_heads, start, np.random.default_rng(21))
+    flat, offsets = (None, None) if dense else _lists(lists)
+    out = split_attention(q, k, v, start, flat, offsets, num_splits=3, block_m=64, block_n=16)
+    assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, lists)) < TOLERANCE[torch.bfloat16]
+    for bad in (8, 48):  # fewer rows than the 4 x 5 packed queries; not a power of two
+        with pytest.raises(KernelInputError, match="block_m"):
+            split_attention(q, k, v, start, flat, offsets, block_m=bad)
+
+
 def test_merge_takes_more_splits_than_one_pass():
     """Over 64 splits the merge folds them in several passes, rescaling as its running max grows."""
     start = 1100
