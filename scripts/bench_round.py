@@ -7,7 +7,8 @@ no checkpoint is needed. One round = gamma draft decode steps, then (STS only) t
 on the device, then one target verification pass over gamma + 1 tokens. Dense speculative
 decoding runs the same round with the dense verification kernel and no scores. Three timings:
   runtime: the models as sts_edge runs them (decode-sized forwards replay CUDA graphs), phases
-           timed with device syncs around them, median of several rounds;
+           timed with device syncs around them, median of several rounds; selection runs inside
+           the verification forward (captured in its graph), so its time is in verify_ms;
   eager:   the same with graphs off (STS_EDGE_CUDA_GRAPHS=0): launch overhead included;
   device:  each whole phase captured as one CUDA graph at this context and replayed (median): the
            device time alone, the floor for this loop.
@@ -73,10 +74,9 @@ def one_round(target: TorchCausalLM, draft: TorchCausalLM, context: int, gamma: 
         for token in tokens[:gamma]:
             draft.forward([token])
 
-    def selecting():
+    def selecting():  # the mask only: the verification forward selects (in its graph, or eagerly)
         if sparsity:
             masks.append(sparsity.mask(target, draft.read_scores(context, on_device=True)))
-            masks[-1].sets_for(0)  # the first request selects every layer's sets in one batch
 
     def verifying():
         target.forward(tokens, all_logits=True, mask=masks[-1] if masks else None)

@@ -61,8 +61,10 @@ class CausalLM(Protocol):
     def read_scores(self, context: int, on_device: bool = False) -> np.ndarray:
         """Stop collecting and return the scores [layers, units, context] of the first positions.
 
-        With `on_device`, a backend may return its own device array instead of numpy (the CUDA
-        backend does): the verification mask then selects the token sets on the device.
+        With `on_device`, a backend may return its own device array instead of numpy, with
+        >= context positions (the CUDA backend returns its whole running buffer, from which a
+        CUDA graph selects at any position): the verification mask then selects the token sets
+        on the device.
         """
         ...
 

@@ -173,11 +173,12 @@ def units(config: ModelConfig, granularity: str) -> int:
 class VerificationMask:
     """The sets one verification pass uses, produced layer by layer on request of the backend.
 
-    `draft_scores` [draft_layers, draft_units, context] comes from the draft's round (sts only):
-    numpy, or a backend's device tensor, in which case the sets of every layer are selected there
-    at the first request, in one batch (sts_edge.triton_kernels.selection), and returned as
-    device tensors. The backend calls `sets_for(layer, q, keys)`; `needs_queries` tells it whether
-    q and keys (numpy) are needed or None can be passed.
+    `draft_scores` [draft_layers, draft_units, >= context] comes from the draft's round (sts
+    only; columns from `context` on are ignored): numpy, or a backend's device tensor, in which
+    case the sets of every layer are selected there at the first request, in one batch
+    (sts_edge.triton_kernels.selection), and returned as device tensors. The backend calls
+    `sets_for(layer, q, keys)`; `needs_queries` tells it whether q and keys (numpy) are needed or
+    None can be passed.
     """
 
     policy: MaskPolicy
@@ -193,15 +194,22 @@ class VerificationMask:
     def needs_queries(self) -> bool:
         return self.policy.name in ("oracle", "quest") and not self.policy.is_dense_at(self.context)
 
-    def sets_for(self, layer: int, q: np.ndarray | None = None, keys: np.ndarray | None = None) -> np.ndarray | None:
-        """Sorted index sets [units, kept] for this target layer, or None to run it dense."""
+    def count(self, layer: int) -> bool:
+        """Count this layer's context rows into the sparsity stats; False when it runs dense."""
         policy, context = self.policy, self.context
         self.dense_rows += context
         if policy.is_dense_at(context) or layer in policy.dense_layers:
             self.kept_rows += context
+            return False
+        self.kept_rows += policy.kept_tokens(context)
+        return True
+
+    def sets_for(self, layer: int, q: np.ndarray | None = None, keys: np.ndarray | None = None) -> np.ndarray | None:
+        """Sorted index sets [units, kept] for this target layer, or None to run it dense."""
+        if not self.count(layer):
             return None
+        policy, context = self.policy, self.context
         keep = policy.kept_tokens(context)
-        self.kept_rows += keep
         if policy.name == "sts" and not isinstance(self.draft_scores, np.ndarray):
             return self._select_on_device(layer)
         if policy.name == "sts":

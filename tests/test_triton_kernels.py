@@ -18,7 +18,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 from sts_edge.mask import select_indices  # noqa: E402
 from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores  # noqa: E402
-from sts_edge.triton_kernels.selection import csr_offsets, select_sets  # noqa: E402
+from sts_edge.triton_kernels.selection import csr_offsets, select_sets, select_sets_at  # noqa: E402
 from sts_edge.triton_kernels.verify_attention import KernelInputError, split_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,6 +187,22 @@ def test_selection_matches_numpy_reference(context, budget):
     assert sets.dtype == torch.int32 and sets.shape == (3, 4, keep)
     for layer in range(3):
         expected = select_indices(scores[layer, :, :context].numpy(), keep, 4, 16)
+        np.testing.assert_array_equal(sets[layer].cpu().numpy(), expected)
+
+
+@pytest.mark.parametrize("context, sink, window", [(300, 4, 16), (129, 0, 16), (200, 4, 0), (512, 1, 64)])
+def test_selection_at_a_device_side_context_matches_numpy_reference(context, sink, window):
+    """The form a CUDA graph replays: candidates up to `bound`, those from context - window on
+    masked out (the round's own tokens sit there in the draft's buffer, with scores)."""
+    bound, budget = 512, 40
+    scores = torch.rand(3, 4, bound + 7, generator=torch.Generator().manual_seed(context)) + 1.0
+    scores[..., context:] += 10.0  # past the context: scores that must not win
+    sets = select_sets_at(scores.to(DEVICE), torch.tensor([context], dtype=torch.int32, device=DEVICE), bound,
+                          budget, sink, window)
+    keep = budget + sink + window
+    assert sets.dtype == torch.int32 and sets.shape == (3, 4, keep)
+    for layer in range(3):
+        expected = select_indices(scores[layer, :, :context].numpy(), keep, sink, window)
         np.testing.assert_array_equal(sets[layer].cpu().numpy(), expected)
 
 
@@ -362,7 +378,7 @@ def test_device_side_start_matches_the_plain_paths(make_model):
     """The form a CUDA graph captures (position as a device tensor, launch shape from a bound),
     run through the kernels on the CPU, against the same forward at a Python int position."""
     from sts_edge import load
-    from sts_edge.backends.cuda.graphs import StaticSets
+    from sts_edge.backends.cuda.graphs import CapturedSets
     from sts_edge.backends.cuda.model import ScoreCollection
     from sts_edge.mask import LayerHeadMap, MaskPolicy
     from sts_edge.speculative import Sparsity
@@ -384,11 +400,14 @@ def test_device_side_start_matches_the_plain_paths(make_model):
         np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=2e-2, atol=2e-2)
         np.testing.assert_allclose(buffers[1].numpy(), buffers[0].numpy(), rtol=2e-2, atol=1e-4)
 
-        # Verification with STS sets: the VerificationMask (int start) vs StaticSets (device start).
+        # Verification with STS sets: the VerificationMask (int start) vs CapturedSets (selection
+        # at the device start, over the whole score buffer, as a graph replays it).
         policy = MaskPolicy("sts", budget=24, sink=2, window=8)
         sparsity = Sparsity(policy, LayerHeadMap.proportional(target.config, draft.config, "kv"))
-        mask = sparsity.mask(target, buffers[0][:, :, :start])
+        mask = sparsity.mask(target, buffers[0])
         block = torch.tensor([5, 6, 7, 8, 9])
         want = target.model(block, start, True, mask=mask)
-        got = target.model(block, device_start, True, mask=StaticSets(mask.device_sets(), mask), bound=bound)
+        captured = CapturedSets(buffers[0], device_start, bound, mask)
+        got = target.model(block, device_start, True, mask=captured, bound=bound)
+        np.testing.assert_array_equal(captured.sets.numpy(), mask.device_sets().numpy())
         np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=2e-2, atol=2e-2)

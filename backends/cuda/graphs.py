@@ -9,8 +9,9 @@ per shape and replayed:
     path), so one graph serves every position up to its `bound`;
   * bounds are buckets (powers of two from 1024, capped by the cache) because the kernels' launch
     shape (splits, logits width) follows the longest context they must cover;
-  * STS sets are selected eagerly, in one batched call, then copied into a static
-    [draft_layers, kv_heads, keep] buffer that the graph reads: one graph per gamma and budget.
+  * STS sets are selected inside the verification graph, from the draft's running score buffer
+    at the device-side position (selection.select_sets_at), so selection replays with the
+    verification it feeds and costs no eager launches: one graph per gamma and budget.
 
 What does not fit (prefill, the draft's two-token catch-up, oracle/quest/streaming masks, sets per
 query head) runs eagerly. All graphs of a model share one memory pool.
@@ -25,24 +26,34 @@ import torch
 
 from sts_edge.backends.cuda.attention import use_kernels
 from sts_edge.mask import VerificationMask
+from sts_edge.triton_kernels.selection import select_sets_at
 
 SMALLEST_BUCKET = 1024
 
 
-class StaticSets:
-    """Stands in for a VerificationMask inside a graph: each layer's view of a static set buffer."""
+class CapturedSets:
+    """Stands in for a VerificationMask inside a graph: the first layer that asks selects the sets
+    of every draft layer from the score buffer at the device-side position; the other layers
+    take views of them. Python runs this only while capturing (and in the warm-up before it)."""
 
     needs_queries = False
 
-    def __init__(self, sets: torch.Tensor, mask: VerificationMask):
-        self.sets = sets  # [draft_layers, kv_heads, keep] int32
+    def __init__(self, scores: torch.Tensor, start: torch.Tensor, bound: int, mask: VerificationMask):
+        self.scores = scores  # the draft's running buffer [draft_layers, kv_heads, >= bound]
+        self.start = start  # [1] int32: the context the sets index into
+        self.bound = bound
+        policy = mask.policy
+        self.budget, self.sink, self.window = policy.budget_tokens(mask.context), policy.sink, policy.window
         self.layer_map = mask.mapping.layer_map.copy()
         self.head_map = mask.mapping.head_map.copy()
-        self.dense_layers = tuple(mask.policy.dense_layers)
+        self.dense_layers = tuple(policy.dense_layers)
+        self.sets: torch.Tensor | None = None  # [draft_layers, kv_heads, keep] int32, once selected
 
     def sets_for(self, layer: int, *unused) -> torch.Tensor | None:
         if layer in self.dense_layers:
             return None
+        if self.sets is None:
+            self.sets = select_sets_at(self.scores, self.start, self.bound, self.budget, self.sink, self.window)
         sets = self.sets[int(self.layer_map[layer])]
         heads = self.head_map[layer]
         if np.array_equal(heads, np.arange(sets.shape[0])):
@@ -56,7 +67,6 @@ class CapturedForward:
     tokens: torch.Tensor  # [n] int64, copied in before each replay
     start: torch.Tensor  # [1] int32
     logits: torch.Tensor  # the graph's output
-    sets: torch.Tensor | None  # [draft_layers, kv_heads, keep] int32 for STS verification
 
 
 class DecodeGraphs:
@@ -81,37 +91,35 @@ class DecodeGraphs:
         policy = mask.policy
         # A fractional budget changes the set size with every position: no fixed shape to capture.
         return (policy.name == "sts" and policy.granularity == "kv" and policy.budget >= 1
-                and not policy.is_dense_at(mask.context) and not isinstance(mask.draft_scores, np.ndarray))
+                and not policy.is_dense_at(mask.context) and isinstance(mask.draft_scores, torch.Tensor)
+                and mask.draft_scores.shape[-1] >= self.bound(start, n))
 
     def run(self, tokens: torch.Tensor, start: int, all_logits: bool, mask: VerificationMask | None, scores) -> torch.Tensor:
         """Replay (capturing first if new) the forward of `tokens` at `start`; returns its logits."""
         n = tokens.shape[0]
         bound = self.bound(start, n)
-        sets = None
         if mask is not None:
-            sets = mask.device_sets()
             for layer in range(self.model.config.num_hidden_layers):  # the mask's sparsity accounting
-                mask.sets_for(layer)
+                mask.count(layer)
+        policy = None if mask is None else mask.policy
         key = (n, all_logits, bound,
                None if scores is None else (scores.aggregation, scores.granularity, scores.buffer.data_ptr()),
-               None if sets is None else (tuple(sets.shape), id(mask.mapping), mask.policy.dense_layers))
+               None if mask is None else (mask.draft_scores.data_ptr(), tuple(mask.draft_scores.shape), id(mask.mapping),
+                                          policy.budget, policy.sink, policy.window, policy.dense_layers))
         entry = self.captured.get(key)
         if entry is None:
-            entry = self._capture(key, tokens, start, all_logits, bound, mask, sets, scores)
+            entry = self._capture(key, tokens, start, all_logits, bound, mask, scores)
         else:
             entry.tokens.copy_(tokens)
             entry.start.fill_(start)
-            if sets is not None:
-                entry.sets.copy_(sets)
         entry.graph.replay()
         return entry.logits
 
-    def _capture(self, key, tokens, start, all_logits, bound, mask, sets, scores) -> CapturedForward:
+    def _capture(self, key, tokens, start, all_logits, bound, mask, scores) -> CapturedForward:
         device = tokens.device
         static_tokens = tokens.clone()
         static_start = torch.tensor([start], dtype=torch.int32, device=device)
-        static_sets = None if sets is None else sets.clone()
-        static_mask = None if sets is None else StaticSets(static_sets, mask)
+        static_mask = None if mask is None else CapturedSets(mask.draft_scores, static_start, bound, mask)
         # Warm-up run (compiles the kernels) on a side stream, as capture requires. It writes the
         # block's K/V rows, which the replay below rewrites identically; with a scratch score
         # buffer, so a "sum" aggregation is not folded twice.
@@ -123,10 +131,12 @@ class DecodeGraphs:
             self.model(static_tokens, static_start, all_logits, mask=static_mask, scores=scratch, bound=bound)
         torch.cuda.current_stream(device).wait_stream(side)
         del scratch
+        if static_mask is not None:
+            static_mask.sets = None  # select again while capturing, so the graph holds the selection
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.model(static_tokens, static_start, all_logits, mask=static_mask, scores=scores, bound=bound)
         self.pool = graph.pool()
-        entry = CapturedForward(graph, static_tokens, static_start, logits, static_sets)
+        entry = CapturedForward(graph, static_tokens, static_start, logits)
         self.captured[key] = entry
         return entry

@@ -64,14 +64,15 @@ class TorchCausalLM:
     def read_scores(self, context: int, on_device: bool = False) -> np.ndarray | torch.Tensor:
         """End a round: the scores [layers, units, context] of the first `context` positions.
 
-        With `on_device` on a GPU they stay there (a view of the running buffer, valid until the
-        next start_scores), and the verification mask selects on the GPU.
+        With `on_device` on a GPU they stay there: the whole running buffer [layers, units,
+        capacity], valid until the next start_scores (columns from `context` on hold the round's
+        own tokens), and the verification mask selects on the GPU.
         """
         if self._scores is None:
             raise RuntimeError("read_scores without start_scores")
         scores, self._scores = self._scores, None
         if on_device and self.device.type == "cuda":
-            return scores.buffer[:, :, :context]
+            return scores.buffer
         return scores.buffer[:, :, :context].cpu().numpy()
 
     def rollback(self, length: int) -> None:
