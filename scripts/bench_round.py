@@ -11,7 +11,8 @@ decoding runs the same round with the dense verification kernel and no scores. T
            the verification forward (captured in its graph), so its time is in verify_ms;
   eager:   the same with graphs off (STS_EDGE_CUDA_GRAPHS=0): launch overhead included;
   device:  each whole phase captured as one CUDA graph at this context and replayed (median): the
-           device time alone, the floor for this loop.
+           device time alone, the floor for this loop (selection as the runtime's graph does it,
+           over the columns of the context's power-of-two bucket).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import time
 import numpy as np
 import torch
 
+from sts_edge.backends.cuda.graphs import DecodeGraphs
 from sts_edge.backends.cuda.loader import TorchCausalLM
 from sts_edge.backends.cuda.model import Transformer
 from sts_edge.config import ModelConfig
 from sts_edge.mask import LayerHeadMap, MaskPolicy
 from sts_edge.speculative import Sparsity
+from sts_edge.triton_kernels.selection import select_sets_at
 
 LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
@@ -122,11 +125,16 @@ def graphed_round(target: TorchCausalLM, draft: TorchCausalLM, context: int, gam
 
     row = {"draft_ms": graph_ms(drafting)}
     target._length = context
-    mask = sparsity.mask(target, scores.buffer[:, :, :context]) if sparsity else None
+    mask = sparsity.mask(target, scores.buffer) if sparsity else None
+    # Selection as the runtime's verification graph replays it: at a device-side position, over
+    # the columns of the position's bucket (up to twice the context).
+    bound = DecodeGraphs(target.model, target.capacity).bound(context, gamma + 1)
+    at = torch.tensor([context], dtype=torch.int32, device="cuda")
 
     def selecting():
-        mask._device_sets = None  # select again: the graph records the top-B, not a cached result
-        mask.sets_for(0)
+        policy = sparsity.policy
+        mask._device_sets = select_sets_at(scores.buffer, at, bound, policy.budget_tokens(context), policy.sink,
+                                           policy.window)
 
     row["select_ms"] = graph_ms(selecting) if sparsity else 0.0
     row["verify_ms"] = graph_ms(lambda: target.model(tokens, context, True, mask=mask))
