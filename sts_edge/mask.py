@@ -164,6 +164,18 @@ class LayerHeadMap:
         head_map = np.broadcast_to(np.arange(t_units) * d_units // t_units, (target.num_hidden_layers, t_units))
         return cls(layer_map.astype(np.int64), head_map.astype(np.int64).copy())
 
+    def layer_sets(self, draft_sets, layer: int):
+        """Target `layer`'s sets from device sets of every draft layer [draft_layers, draft_units,
+        keep]: its draft layer's, one per target unit by the head map (views, no host copies, so
+        a CUDA graph can capture it)."""
+        import torch
+
+        sets = draft_sets[int(self.layer_map[layer])]
+        heads = self.head_map[layer]
+        if np.array_equal(heads, np.arange(sets.shape[0])):
+            return sets
+        return torch.stack([sets[int(h)] for h in heads])
+
 
 def units(config: ModelConfig, granularity: str) -> int:
     return config.num_key_value_heads if granularity == "kv" else config.num_attention_heads
@@ -228,13 +240,7 @@ class VerificationMask:
         """Sets for `layer` from device scores. The first call selects the top-B of every draft
         layer and head in one batch; each target layer then takes its mapped draft layer's sets.
         Only device operations (no host-to-device copies), so a CUDA graph can capture it."""
-        import torch
-
-        sets = self.device_sets()[int(self.mapping.layer_map[layer])]
-        heads = self.mapping.head_map[layer]
-        if np.array_equal(heads, np.arange(sets.shape[0])):
-            return sets
-        return torch.stack([sets[int(h)] for h in heads])
+        return self.mapping.layer_sets(self.device_sets(), layer)
 
     def device_sets(self):
         """The sets [draft_layers, draft_units, keep] of every draft layer and head, selected on the

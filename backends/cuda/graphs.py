@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sts_edge.backends.cuda.attention import use_kernels
-from sts_edge.mask import VerificationMask
+from sts_edge.mask import LayerHeadMap, VerificationMask
 from sts_edge.triton_kernels.selection import select_sets_at
 
 SMALLEST_BUCKET = 1024
@@ -44,8 +43,7 @@ class CapturedSets:
         self.bound = bound
         policy = mask.policy
         self.budget, self.sink, self.window = policy.budget_tokens(mask.context), policy.sink, policy.window
-        self.layer_map = mask.mapping.layer_map.copy()
-        self.head_map = mask.mapping.head_map.copy()
+        self.mapping = LayerHeadMap(mask.mapping.layer_map.copy(), mask.mapping.head_map.copy())
         self.dense_layers = tuple(policy.dense_layers)
         self.sets: torch.Tensor | None = None  # [draft_layers, kv_heads, keep] int32, once selected
 
@@ -54,11 +52,7 @@ class CapturedSets:
             return None
         if self.sets is None:
             self.sets = select_sets_at(self.scores, self.start, self.bound, self.budget, self.sink, self.window)
-        sets = self.sets[int(self.layer_map[layer])]
-        heads = self.head_map[layer]
-        if np.array_equal(heads, np.arange(sets.shape[0])):
-            return sets
-        return torch.stack([sets[int(h)] for h in heads])
+        return self.mapping.layer_sets(self.sets, layer)
 
 
 @dataclass
