@@ -18,13 +18,12 @@ import datetime
 import json
 import statistics
 import sys
-import time
 
 import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from bench_round import LLAMA_1B, LLAMA_8B, graph_ms, random_model
+from bench_round import LLAMA_1B, LLAMA_8B, graph_ms, random_model, timed
 
 
 def profile_step(raw: dict, n: int, context: int) -> dict:
@@ -61,27 +60,18 @@ def draft_steps(context: int, steps: int = 4, repeats: int = 10) -> dict:
     def runtime() -> float:
         lm.rollback(0)
         lm._length = context  # the caches hold `context` rows already
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        for token in range(5, 5 + steps):
-            lm.forward([token])
-        torch.cuda.synchronize()
-        return (time.perf_counter() - begin) * 1000
+        return timed(lambda: [lm.forward([token]) for token in range(5, 5 + steps)])
 
     runtime()  # captures the graph
     runtime_ms = statistics.median(runtime() for _ in range(repeats))
     entry = next(iter(lm.graphs.captured.values()))
 
-    def replays() -> float:
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
+    def bare_replays() -> None:
         for i in range(steps):
             entry.start.fill_(context + i)
             entry.graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - begin) * 1000
 
-    replays_ms = statistics.median(replays() for _ in range(repeats))
+    replays_ms = statistics.median(timed(bare_replays) for _ in range(repeats))
     one_graph_ms = graph_ms(lambda: [lm.model(ids[i : i + 1], context + i, False) for i in range(steps)])
     return {"context": context, "steps": steps, "one_graph_ms": one_graph_ms, "bare_replays_ms": replays_ms,
             "runtime_ms": runtime_ms}
