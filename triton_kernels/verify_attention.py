@@ -54,6 +54,8 @@ def _split_attention_kernel(
     DENSE: tl.constexpr, WRITE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, START_IN_MEMORY: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched while the kernel before it finishes: no memory access before this wait
+        tl.extra.cuda.gdc_wait()
     if START_IN_MEMORY:  # a CUDA graph replays one launch at every position: read it on the device
         start = tl.load(Start)
     else:
@@ -281,9 +283,10 @@ def split_attention(
     stored there (rows not read are left alone); with `lse` [heads * n] float32, each query's
     log2-sum-exp. Returns [heads, n, head_dim] in q's dtype (a view of [n, heads, head_dim]).
 
-    `pdl`: launch the merge kernel with programmatic dependent launch (Hopper and later), so its
-    launch overlaps the split kernel's tail; by default on where the GPU has it, unless the
-    environment sets STS_EDGE_PDL=0.
+    `pdl`: launch both kernels with programmatic dependent launch (Hopper and later), so each one's
+    launch overlaps the tail of the kernel before it (whatever the caller ran last, then the split
+    kernel); each waits for that kernel's completion before its first memory access. By default on
+    where the GPU has it, unless the environment sets STS_EDGE_PDL=0.
 
     For CUDA graphs, `start` may be a one-element int32 device tensor read by the kernel, with
     `bound` >= start fixing the launch shape (and the logits' width); inputs are then trusted.
@@ -352,7 +355,7 @@ def split_attention(
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,
         DENSE=dense, WRITE_LOGITS=write_logits, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
         START_IN_MEMORY=in_memory, USE_PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     # Stored token-major, so that the caller's [n, heads * head_dim] for the output projection
     # is a view, not one more copy kernel per layer.
