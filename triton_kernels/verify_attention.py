@@ -148,11 +148,13 @@ def _merge_kernel(
     Opart, Lpart, Out, Lse,
     stride_oh, stride_on, num_splits,
     N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr, USE_PDL: tl.constexpr, EARLY_NEXT: tl.constexpr,
 ):
     """One program per (query head, query): out = sum_s w_s * out_s, w_s = 2^(lse_s - lse)."""
     if USE_PDL:  # launched before the split kernel finished (programmatic dependent launch)
         tl.extra.cuda.gdc_wait()
+    if EARLY_NEXT:  # the kernel after this one (PDL-launched, waiting on this one's end) may launch now
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)  # head * N + query
     head = row // N
     query = row % N
@@ -253,6 +255,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def pdl_available(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper and later, compiled (not interpreted), unless STS_EDGE_PDL=0."""
+    return PDL_DEFAULT and not INTERPRETED and device.type == "cuda" and _capability(device) >= 9
+
+
 def split_attention(
     q: torch.Tensor,
     cache_k: torch.Tensor,
@@ -272,6 +279,7 @@ def split_attention(
     num_stages: int | None = None,
     check: bool = True,
     pdl: bool | None = None,
+    early_next: bool = False,
 ) -> torch.Tensor:
     """Attention of q [heads, n, head_dim] at positions start..start+n over a KV cache.
 
@@ -286,7 +294,9 @@ def split_attention(
     `pdl`: launch both kernels with programmatic dependent launch (Hopper and later), so each one's
     launch overlaps the tail of the kernel before it (whatever the caller ran last, then the split
     kernel); each waits for that kernel's completion before its first memory access. By default on
-    where the GPU has it, unless the environment sets STS_EDGE_PDL=0.
+    where the GPU has it, unless the environment sets STS_EDGE_PDL=0. `early_next`: the caller's
+    next kernel is PDL-launched too (draft_attention's fold): the merge lets it launch as soon as
+    every merge program has started, not as they end.
 
     For CUDA graphs, `start` may be a one-element int32 device tensor read by the kernel, with
     `bound` >= start fixing the launch shape (and the logits' width); inputs are then trusted.
@@ -295,7 +305,7 @@ def split_attention(
     """
     in_memory = isinstance(start, torch.Tensor)
     if pdl is None:
-        pdl = PDL_DEFAULT and not INTERPRETED and q.is_cuda and _capability(q.device) >= 9
+        pdl = pdl_available(q.device)
     if in_memory:
         if bound is None:
             raise KernelInputError("a device-side start needs `bound`, the largest start the launch must cover")
@@ -364,6 +374,6 @@ def split_attention(
     _merge_kernel[(heads * n,)](
         opart, lpart, out, lse if write_lse else lpart, out.stride(0), out.stride(1), num_splits,
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_S=min(MERGE_SPLITS, triton.next_power_of_2(num_splits + 1)),
-        WRITE_LSE=write_lse, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+        WRITE_LSE=write_lse, USE_PDL=pdl, EARLY_NEXT=pdl and early_next, num_warps=4, launch_pdl=pdl,
     )
     return out
