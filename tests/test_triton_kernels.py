@@ -149,6 +149,23 @@ def test_empty_context_reads_only_the_block():
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), 0, None)) < TOLERANCE[torch.float16]
 
 
+def reference_scores(q, k, start, before, aggregation, granularity):
+    """float64: per query head and query, probabilities over 0..start+i; then max/sum into `before`."""
+    heads, n, head_dim = q.shape
+    kv_heads = k.shape[0]
+    length = start + n
+    probs = torch.zeros(heads, n, length, dtype=torch.float64)
+    for h in range(heads):
+        for i in range(n):
+            keys = k[h // (heads // kv_heads), : start + i + 1].double().cpu()
+            probs[h, i, : start + i + 1] = torch.softmax(keys @ q[h, i].double().cpu() / head_dim**0.5, dim=0)
+    per_unit = probs.reshape(kv_heads, -1, length) if granularity == "kv" else probs
+    fold = per_unit.amax(1) if aggregation == "max" else per_unit.sum(1)
+    expected = before.double().clone()
+    expected[:, :length] = torch.maximum(expected[:, :length], fold) if aggregation == "max" else expected[:, :length] + fold
+    return expected.numpy()
+
+
 @pytest.mark.parametrize("aggregation", ["max", "sum"])
 @pytest.mark.parametrize("granularity", ["kv", "query"])
 @pytest.mark.parametrize("n", [1, 3])
@@ -160,19 +177,28 @@ def test_draft_attention_scores_match_reference(aggregation, granularity, n):
     scores = before.clone().to(DEVICE)
     out = draft_attention_with_scores(q, k, v, start, scores, aggregation, granularity)
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[torch.bfloat16]
+    expected = reference_scores(q, k, start, before, aggregation, granularity)
+    np.testing.assert_allclose(scores.cpu().double().numpy(), expected, rtol=1e-3, atol=1e-6)
 
-    # Expected: per query head and query, probabilities over 0..start+i; then max/sum.
-    length = start + n
-    probs = torch.zeros(heads, n, length, dtype=torch.float64)
-    for h in range(heads):
-        for i in range(n):
-            keys = k[h // (heads // kv_heads), : start + i + 1].double().cpu()
-            probs[h, i, : start + i + 1] = torch.softmax(keys @ q[h, i].double().cpu() / head_dim**0.5, dim=0)
-    per_unit = probs.reshape(kv_heads, -1, length) if granularity == "kv" else probs
-    fold = per_unit.amax(1) if aggregation == "max" else per_unit.sum(1)
-    expected = before.double().clone()
-    expected[:, :length] = torch.maximum(expected[:, :length], fold) if aggregation == "max" else expected[:, :length] + fold
-    np.testing.assert_allclose(scores.cpu().double().numpy(), expected.numpy(), rtol=1e-3, atol=1e-6)
+
+@pytest.mark.parametrize("aggregation", ["max", "sum"])
+def test_draft_scores_over_many_tiles_at_a_device_side_start(aggregation):
+    """The kernel stores probabilities relative to the running max of each 128-row tile; here a split
+    covers several tiles, the running max moves inside one (large keys late in the context), and a
+    graph-sized launch (`bound` past the start) puts the block's own maxima in a later column."""
+    heads, kv_heads, head_dim, n, start = 8, 2, 64, 3, 700
+    q, k, v = make_inputs(heads, kv_heads, head_dim, n, start, torch.bfloat16, seed=5)
+    k[:, 300:305] *= 3
+    k[:, 560:570] *= 4
+    before = torch.rand(kv_heads, start + n + 8, generator=torch.Generator().manual_seed(2)) * 1e-3
+    expected = reference_scores(q, k, start, before, aggregation, "kv")
+    for at, bound in ((start, None), (torch.tensor([start], dtype=torch.int32, device=DEVICE), 1000)):
+        scores = torch.zeros(kv_heads, 1000 + n + 8, device=DEVICE)
+        scores[:, : start + n + 8] = before.to(DEVICE)
+        out = draft_attention_with_scores(q, k, v, at, scores, aggregation, bound=bound, num_splits=2)
+        assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[torch.bfloat16]
+        np.testing.assert_allclose(scores[:, : start + n + 8].cpu().double().numpy(), expected, rtol=1e-3, atol=1e-7)
+        assert not scores[:, start + n + 8 :].any()  # nothing past the live rows
 
 
 @pytest.mark.parametrize("context, budget", [(300, 40), (300, 1), (90, 50), (50, 10)])

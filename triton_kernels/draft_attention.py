@@ -1,11 +1,12 @@
 """The draft's decode attention that also produces STS importance scores.
 
 One pass of the split attention kernel (verify_attention.py, dense mode) computes the output and,
-on the side, stores each query head's log2-domain logits for every row it reads: the only time
-per-head values at full context reach device memory. The merge kernel yields each query's
-log2-sum-exp, and a light fold kernel turns logits into probabilities,
-p = 2^(logit - lse), reduces them over the block's queries (and over a group's query heads at
-"kv" granularity) by max or sum, and folds the result into the running score row
+on the side, stores each query head's probabilities for every row it reads, in float16 relative to
+the running max of their tile (which it stores too): the only time per-head values at full context
+reach device memory, at half the bytes of float32 logits. The merge kernel yields each query's
+log2-sum-exp, and a light fold kernel rescales them to probabilities,
+p = 2^(tile max - lse) * relative p, reduces them over the block's queries (and over a group's query
+heads at "kv" granularity) by max or sum, and folds the result into the running score row
 [units, capacity] in place.
 """
 
@@ -17,15 +18,18 @@ import triton.language as tl
 
 from sts_edge.triton_kernels.verify_attention import KernelInputError, pdl_available, split_attention
 
+# Tile rows of the dense split kernel, fixed here because the tile maxima are indexed by row // TILE.
+TILE = 128
+
 AGGREGATIONS = ("max", "sum")
 GRANULARITIES = ("kv", "query")
 
 
 @triton.jit
 def _fold_scores_kernel(
-    Logits, Lse, Scores,
-    stride_lh, stride_ln, stride_su, Start,
-    N: tl.constexpr, HEADS_PER_UNIT: tl.constexpr, BLOCK_L: tl.constexpr, SUM: tl.constexpr,
+    Probs, TileMax, Lse, Scores,
+    stride_ph, stride_pn, stride_th, stride_tn, stride_su, Start, block_slot,
+    N: tl.constexpr, HEADS_PER_UNIT: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_L: tl.constexpr, SUM: tl.constexpr,
     START_IN_MEMORY: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # launched while the merge kernel runs: no memory access before it has ended
@@ -37,12 +41,15 @@ def _fold_scores_kernel(
     unit = tl.program_id(0).to(tl.int64)
     pos = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     ok = pos < length
+    tile = tl.where(pos < length - N, pos // TILE_ROWS, block_slot)  # the block's rows have their own max
     folded = tl.zeros([BLOCK_L], tl.float32)
     for h in tl.static_range(HEADS_PER_UNIT):
         head = unit * HEADS_PER_UNIT + h
         for i in tl.static_range(N):
             lse = tl.load(Lse + head * N + i)
-            p = tl.math.exp2(tl.load(Logits + head * stride_lh + i * stride_ln + pos, mask=ok, other=float("-inf")) - lse)
+            top = tl.load(TileMax + head * stride_th + i * stride_tn + tile, mask=ok, other=float("-inf"))
+            relative = tl.load(Probs + head * stride_ph + i * stride_pn + pos, mask=ok, other=0.0).to(tl.float32)
+            p = tl.math.exp2(top - lse) * relative
             folded = folded + p if SUM else tl.maximum(folded, p)
     current = tl.load(Scores + unit * stride_su + pos, mask=ok, other=0.0)
     tl.store(Scores + unit * stride_su + pos, current + folded if SUM else tl.maximum(current, folded), mask=ok)
@@ -86,18 +93,20 @@ def draft_attention_with_scores(
         if scores.stride(1) != 1:
             raise KernelInputError("score rows must be contiguous")
     length = reach + n
-    logits = torch.empty(heads, n, length, dtype=torch.float32, device=q.device)
+    block_slot = triton.cdiv(reach, TILE)
+    tile_probs = torch.empty(heads, n, length, dtype=torch.float16, device=q.device)
+    tile_max = torch.empty(heads, n, block_slot + 1, dtype=torch.float32, device=q.device)
     lse = torch.empty(heads * n, dtype=torch.float32, device=q.device)
     # The fold is launched with programmatic dependent launch, so it is ready to run as the merge
     # ends: 1-1.3 us less per call on an H200 (README, "GPU kernels").
     pdl = pdl_available(q.device)
-    out = split_attention(q, cache_k, cache_v, start, logits=logits, lse=lse, bound=bound, num_splits=num_splits,
-                          check=check, pdl=pdl, early_next=True)
+    out = split_attention(q, cache_k, cache_v, start, probs=(tile_probs, tile_max), lse=lse, bound=bound,
+                          num_splits=num_splits, block_n=TILE, check=check, pdl=pdl, early_next=True)
     heads_per_unit = heads // kv_heads if granularity == "kv" else 1
     block_l = 1024
     _fold_scores_kernel[(heads // heads_per_unit, triton.cdiv(length, block_l))](
-        logits, lse, scores, logits.stride(0), logits.stride(1), scores.stride(0), start,
-        N=n, HEADS_PER_UNIT=heads_per_unit, BLOCK_L=block_l, SUM=aggregation == "sum", START_IN_MEMORY=in_memory,
+        tile_probs, tile_max, lse, scores, *tile_probs.stride()[:2], *tile_max.stride()[:2], scores.stride(0), start,
+        block_slot, N=n, HEADS_PER_UNIT=heads_per_unit, TILE_ROWS=TILE, BLOCK_L=block_l, SUM=aggregation == "sum", START_IN_MEMORY=in_memory,
         USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return out

@@ -12,7 +12,7 @@ Layout of the work (flash-decoding):
   * one more program per KV head attends to the block's own n rows, with the causal mask;
   * a merge kernel combines the splits' partial outputs by their log-sum-exp.
 
-The same two kernels serve the draft (n = 1 decode step, dense) and write the softmax logits
+The same two kernels serve the draft (n = 1 decode step, dense) and write the probabilities
 for draft_attention.py to turn into importance scores.
 """
 
@@ -45,13 +45,13 @@ class KernelInputError(ValueError):
 
 @triton.jit
 def _split_attention_kernel(
-    Q, K, V, Idx, Offsets, Opart, Lpart, Logits,
+    Q, K, V, Idx, Offsets, Opart, Lpart, Probs, TileMax,
     stride_qh, stride_qn, stride_kh, stride_kr, stride_vh, stride_vr,
-    stride_lh, stride_ln,
-    Start, rows_per_split, num_splits, qk_scale,
+    stride_ph, stride_pn, stride_th, stride_tn,
+    Start, rows_per_split, num_splits, qk_scale, block_slot,
     N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SELF: tl.constexpr,
-    DENSE: tl.constexpr, WRITE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, START_IN_MEMORY: tl.constexpr,
+    DENSE: tl.constexpr, WRITE_PROBS: tl.constexpr, UPCAST: tl.constexpr, START_IN_MEMORY: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # launched while the kernel before it finishes: no memory access before this wait
@@ -103,11 +103,12 @@ def _split_attention_kernel(
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
             s = tl.where(ok[None, :], s, float("-inf"))
-            if WRITE_LOGITS:
-                tl.store(Logits + head[:, None] * stride_lh + query[:, None] * stride_ln + rows[None, :], s,
-                         mask=valid_m[:, None] & ok[None, :])
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
+            if WRITE_PROBS:  # dense only: this tile is context rows r..r+BLOCK_N, tile r // BLOCK_N
+                tl.store(Probs + head[:, None] * stride_ph + query[:, None] * stride_pn + rows[None, :],
+                         p.to(tl.float16), mask=valid_m[:, None] & ok[None, :])
+                tl.store(TileMax + head * stride_th + query * stride_tn + r // BLOCK_N, m_new, mask=valid_m)
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -122,11 +123,12 @@ def _split_attention_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(ok_j[None, :] & (j[None, :] <= query[:, None]), s, float("-inf"))
-        if WRITE_LOGITS:
-            tl.store(Logits + head[:, None] * stride_lh + query[:, None] * stride_ln + rows[None, :], s,
-                     mask=valid_m[:, None] & ok_j[None, :])
         m_i = tl.max(s, 1)
         p = tl.math.exp2(s - m_i[:, None])
+        if WRITE_PROBS:
+            tl.store(Probs + head[:, None] * stride_ph + query[:, None] * stride_pn + rows[None, :],
+                     p.to(tl.float16), mask=valid_m[:, None] & ok_j[None, :])
+            tl.store(TileMax + head * stride_th + query * stride_tn + block_slot, m_i, mask=valid_m)
         l_i = tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * stride_vr + d[None, :], mask=ok_j[:, None], other=0.0)
         if UPCAST:
@@ -270,7 +272,7 @@ def split_attention(
     longest: int | None = None,
     *,
     bound: int | None = None,
-    logits: torch.Tensor | None = None,
+    probs: tuple[torch.Tensor, torch.Tensor] | None = None,
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_m: int | None = None,
@@ -287,9 +289,16 @@ def split_attention(
     start..start+n. With `indices` (int32, flat) and `offsets` (int32 [kv_heads + 1]) each KV
     head reads rows indices[offsets[k]:offsets[k+1]] plus the block; without, rows 0..start plus
     the block. `longest` is the longest list (computed, with a sync, when not given).
-    With `logits` [heads, n, >= start + n] float32, the log2-domain logits of every row read are
-    stored there (rows not read are left alone); with `lse` [heads * n] float32, each query's
-    log2-sum-exp. Returns [heads, n, head_dim] in q's dtype (a view of [n, heads, head_dim]).
+    Returns [heads, n, head_dim] in q's dtype (a view of [n, heads, head_dim]).
+
+    For the draft's scores (dense only), `probs` = (tile_probs, tile_max) and `lse`: every row's
+    probability is 2^(tile_max[h, i, t] - lse[h * n + i]) * tile_probs[h, i, row], where t is the
+    row's tile, row // block_n for context rows and the last column for the block's own rows.
+    tile_probs [heads, n, >= start + n] float16 holds each tile's probabilities relative to the
+    running max at that tile, in (0, 1]: 11 bits for those within 2^-14 of it, an absolute 2^-24 of
+    it below, at half the bytes of float32 logits. tile_max [heads, n, cdiv(start, block_n) + 1]
+    float32 (`bound` for `start` when that is on the device) holds those maxima (log2 domain), lse
+    [heads * n] float32 each query's log2-sum-exp.
 
     `pdl`: launch both kernels with programmatic dependent launch (Hopper and later), so each one's
     launch overlaps the tail of the kernel before it (whatever the caller ran last, then the split
@@ -299,7 +308,7 @@ def split_attention(
     every merge program has started, not as they end.
 
     For CUDA graphs, `start` may be a one-element int32 device tensor read by the kernel, with
-    `bound` >= start fixing the launch shape (and the logits' width); inputs are then trusted.
+    `bound` >= start fixing the launch shape (and the widths of `probs`); inputs are then trusted.
     `num_splits`, `block_m`, `block_n`, `num_warps`, `num_stages`: launch settings; the defaults
     are tuned. `block_m` (a power of two >= 16) pads the packed query tile of group * n rows.
     """
@@ -351,19 +360,26 @@ def split_attention(
     block_self = max(16, triton.next_power_of_2(n))
     opart = torch.empty(kv_heads * (num_splits + 1) * block_m * head_dim, dtype=torch.float32, device=q.device)
     lpart = torch.empty(kv_heads * (num_splits + 1) * block_m, dtype=torch.float32, device=q.device)
-    write_logits = logits is not None
-    if write_logits and (logits.dtype != torch.float32 or logits.shape[:2] != (heads, n) or logits.shape[2] < reach + n
-                         or logits.stride(2) != 1):
-        raise KernelInputError(f"logits must be float32 [{heads}, {n}, >= {reach + n}] with rows contiguous")
-    if not write_logits:
-        logits = lpart
+    write_probs = probs is not None
+    if write_probs:
+        tile_probs, tile_max = probs
+        tiles = triton.cdiv(reach, block_n) + 1
+        if not dense:
+            raise KernelInputError("probabilities are written by the dense path only (the draft's scores)")
+        if tile_probs.dtype != torch.float16 or tile_probs.shape[:2] != (heads, n) or tile_probs.shape[2] < reach + n \
+                or tile_probs.stride(2) != 1:
+            raise KernelInputError(f"tile_probs must be float16 [{heads}, {n}, >= {reach + n}] with rows contiguous")
+        if tile_max.dtype != torch.float32 or tile_max.shape != (heads, n, tiles) or tile_max.stride(2) != 1:
+            raise KernelInputError(f"tile_max must be float32 [{heads}, {n}, {tiles}] (block_n {block_n}) with rows contiguous")
+    else:
+        tile_probs = tile_max = lpart
     _split_attention_kernel[(kv_heads, num_splits + 1)](
-        q, cache_k, cache_v, indices, offsets, opart, lpart, logits,
+        q, cache_k, cache_v, indices, offsets, opart, lpart, tile_probs, tile_max,
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
-        logits.stride(0) if write_logits else 0, logits.stride(1) if write_logits else 0,
-        start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E,
+        *(tile_probs.stride()[:2] if write_probs else (0, 0)), *(tile_max.stride()[:2] if write_probs else (0, 0)),
+        start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E, triton.cdiv(reach, block_n),
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,
-        DENSE=dense, WRITE_LOGITS=write_logits, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+        DENSE=dense, WRITE_PROBS=write_probs, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
         START_IN_MEMORY=in_memory, USE_PDL=pdl,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
