@@ -361,9 +361,10 @@ def split_attention(
     opart = torch.empty(kv_heads * (num_splits + 1) * block_m * head_dim, dtype=torch.float32, device=q.device)
     lpart = torch.empty(kv_heads * (num_splits + 1) * block_m, dtype=torch.float32, device=q.device)
     write_probs = probs is not None
+    block_slot = triton.cdiv(reach, block_n)  # tile_max's column for the block's own rows
     if write_probs:
         tile_probs, tile_max = probs
-        tiles = triton.cdiv(reach, block_n) + 1
+        tiles = block_slot + 1
         if not dense:
             raise KernelInputError("probabilities are written by the dense path only (the draft's scores)")
         if tile_probs.dtype != torch.float16 or tile_probs.shape[:2] != (heads, n) or tile_probs.shape[2] < reach + n \
@@ -377,7 +378,7 @@ def split_attention(
         q, cache_k, cache_v, indices, offsets, opart, lpart, tile_probs, tile_max,
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
         *(tile_probs.stride()[:2] if write_probs else (0, 0)), *(tile_max.stride()[:2] if write_probs else (0, 0)),
-        start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E, triton.cdiv(reach, block_n),
+        start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E, block_slot,
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,
         DENSE=dense, WRITE_PROBS=write_probs, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
         START_IN_MEMORY=in_memory, USE_PDL=pdl,
