@@ -82,6 +82,12 @@ def time_graph(calls: list[Callable[[], object]], replays: int = 30) -> float:
     return statistics.median(times)
 
 
+def run_header() -> dict:
+    """What every results file starts with: the date, and the device and versions that ran it."""
+    return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+            "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}}
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read plus written per second (GB/s): the best of a few sizes."""
     best = 0.0
@@ -446,8 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     record: dict = {
-        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
+        **run_header(),
         "copy_bandwidth_gbs": copy_gbs, "target_layer": TARGET, "draft_layer": DRAFT, "dtype": "bfloat16",
         "timing": "median of CUDA-graph replays of >= 16 calls, inputs rotated past the L2 cache, fresh index lists per call",
     }

@@ -34,6 +34,8 @@ from sts_edge.mask import LayerHeadMap, MaskPolicy
 from sts_edge.speculative import Sparsity
 from sts_edge.triton_kernels.selection import select_sets_at
 
+from bench_kernels import run_header
+
 LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                 rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=131072)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench_round([int(c) for c in args.contexts.split(",")], args.gamma, args.budget)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "round": rows}, f, indent=1)
+            json.dump({**run_header(), "round": rows}, f, indent=1)
     return 0
 
 

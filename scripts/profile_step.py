@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import statistics
 import sys
 
 import torch
-import triton
 from torch.profiler import ProfilerActivity, profile
 
+from bench_kernels import run_header
 from bench_round import LLAMA_1B, LLAMA_8B, graph_ms, random_model, timed
 
 
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("profile_step.py needs a CUDA GPU", file=sys.stderr)
         return 1
-    record = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-              "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}}
+    record = run_header()
     with torch.inference_mode():
         for name, raw, n in (("draft_step", LLAMA_1B, 1), ("verification_block", LLAMA_8B, 5)):
             record[name] = row = profile_step(raw, n, args.context)
