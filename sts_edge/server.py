@@ -21,12 +21,13 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
-from sts_edge.cli import add_model_arguments, add_policy_arguments, load_from_args
+from sts_edge.cli import STS_TRADE, HelpFormatter, add_gamma_argument, add_model_arguments, add_policy_arguments, load_from_args
 from sts_edge.errors import ContextLengthError, StsEdgeError
 from sts_edge.mask import POLICIES, MaskPolicyError
-from sts_edge.speculative import GenerationStats
+from sts_edge.speculative import MAX_GAMMA, GenerationStats
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -79,7 +80,7 @@ COMMON_FIELDS: dict[str, Callable[[Any], bool]] = {
     "logprobs": lambda v: v is None or v is False,
     "logit_bias": lambda v: v is None or v == {},
     # sts-edge extensions
-    "gamma": lambda v: v is None or (_integer(v) and 1 <= v <= 32),
+    "gamma": lambda v: v is None or (_integer(v) and 1 <= v <= MAX_GAMMA),
     "policy": lambda v: v is None or v in POLICIES,
     "budget": lambda v: v is None or (_number(v) and v > 0),
     "sink": lambda v: v is None or (_integer(v) and v >= 0),
@@ -92,7 +93,7 @@ EXPECTED = {
     "stop": "a non-empty string or a list of up to 4 of them", "n": "1 (one choice per request)",
     "user": "a string", "frequency_penalty": "0 (penalties are not supported)", "presence_penalty": "0 (penalties are not supported)",
     "logprobs": "false (log-probabilities are not supported)", "logit_bias": "empty (logit bias is not supported)",
-    "gamma": "an integer from 1 to 32", "policy": f"one of {', '.join(POLICIES)}", "budget": "a number > 0",
+    "gamma": f"an integer from 1 to {MAX_GAMMA}", "policy": f"one of {', '.join(POLICIES)}", "budget": "a number > 0",
     "sink": "an integer >= 0", "window": "an integer >= 0",
 }
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -163,9 +164,11 @@ class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], engine: Any, model_id: str, api_key: str | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False, defaults: dict[str, Any] | None = None):
+                 max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False, defaults: dict[str, Any] | None = None,
+                 aliases: tuple[str, ...] = ()):
         super().__init__(address, Handler)
         self.engine, self.model_id, self.api_key = engine, model_id, api_key
+        self.model_names = {model_id, *aliases}  # what a request's "model" may say: this server runs one model
         self.defaults = defaults or {}  # generation options a request does not set itself
         self.max_body_bytes, self.quiet = max_body_bytes, quiet
         self.queue = threading.Lock()  # one generation at a time; waiting threads queue on it
@@ -243,7 +246,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise RequestError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
             chat = routes[self.path]
-            prompt, options, response = parse_request(self.read_json(), chat)
+            body = self.read_json()
+            prompt, options, response = parse_request(body, chat)
+            if body.get("model") is not None and body["model"] not in self.server.model_names:
+                raise RequestError(404, f"The model '{body['model']}' does not exist: this server runs "
+                                   f"'{self.server.model_id}' only (GET /v1/models)", param="model", code="model_not_found")
             self.complete(prompt, options, response, chat)
         except RequestError as error:
             self.send_error_body(error)
@@ -335,16 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sts_edge.server",
         description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) "
-        "for a target model with an optional draft (STS).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "for a target model with an optional draft. " + STS_TRADE,
+        formatter_class=HelpFormatter,
     )
-    add_model_arguments(parser, "target: a model directory, an alias or a Hugging Face repo id")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--api-key", default=os.environ.get("STS_EDGE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $STS_EDGE_API_KEY; none means open)")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body accepted")
-    parser.add_argument("--gamma", type=int, default=4, help="default draft tokens per round (a request may set 'gamma')")
+    add_gamma_argument(parser)
     add_policy_arguments(parser)
     return parser
 
@@ -356,10 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     except (StsEdgeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    server = CompletionServer((args.host, args.port), engine, str(args.model), api_key=args.api_key,
-                              max_body_bytes=args.max_body_bytes, defaults={"gamma": args.gamma})
+    # Answers name the model as the user did (an alias, or a directory's name), never a local path.
+    given = Path(str(args.model)).expanduser()
+    model_id = given.resolve().name if given.is_dir() else str(args.model)
+    server = CompletionServer((args.host, args.port), engine, model_id, api_key=args.api_key,
+                              max_body_bytes=args.max_body_bytes, defaults={"gamma": args.gamma},
+                              aliases=(str(args.model), str(given.resolve())))
     host, port = server.server_address[:2]
-    print(f"sts-edge serving {args.model} on http://{host}:{port}/v1 ({engine.backend}, policy {engine.policy.name})",
+    print(f"sts-edge serving {model_id} on http://{host}:{port}/v1 ({engine.backend}, policy {engine.policy.name})",
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -32,25 +32,39 @@ from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationMask, units
 from sts_edge.sampling import SamplingParams, probabilities, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
+# Draft tokens per round: a verification block of gamma + 1 queries must fit the GPU kernels'
+# query tile (triton_kernels.verify_attention.MAX_QUERIES), so every gamma takes the fast path.
+MAX_GAMMA = 15
+
+
+def check_gamma(gamma: int) -> None:
+    if not 1 <= gamma <= MAX_GAMMA:
+        raise ValueError(f"gamma (draft tokens per round) must be between 1 and {MAX_GAMMA}, got {gamma}")
 
 
 @dataclass
 class GenerationStats:
-    gamma: int = 0
+    """What one generation did, as counts and seconds; `summary` words them for the stats line."""
+
+    gamma: int = 0  # draft tokens per round (0: the target decoded alone)
+    policy: str = "dense"  # the verification policy asked for
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous call
-    prompt_seconds: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose KV the target reused from the previous call
+    draft_cached_tokens: int = 0  # the same for the draft (it may hold less than the target)
+    prompt_seconds: float = 0.0  # prefill of both models and the first token: time to first token
     generated_tokens: int = 0
-    decode_seconds: float = 0.0
-    rounds: int = 0
+    decode_seconds: float = 0.0  # from the first generated token to the last
+    rounds: int = 0  # target passes after the prompt
     accepted_histogram: list[int] = field(default_factory=list)  # rounds that accepted 0..gamma drafts
-    draft_tokens: int = 0
+    draft_tokens: int = 0  # tokens the draft proposed
     draft_seconds: float = 0.0
     target_tokens: int = 0  # positions the target scored after the prompt
     target_seconds: float = 0.0
     kept_rows: int = 0  # context rows the target's verification passes read, summed over layers
     dense_rows: int = 0  # what dense verification would have read
     finish_reason: str = ""  # "stop" (end-of-sequence), "length" (max_tokens) or "context" (cache full)
+    peak_memory_bytes: int = 0  # during this generation (set by the Engine)
+    peak_memory_of: str = ""  # what that measures: "GPU", "Metal" or "process RSS"
 
     @property
     def acceptance_rate(self) -> float:
@@ -60,32 +74,49 @@ class GenerationStats:
 
     @property
     def mean_accepted(self) -> float:
-        """Tokens committed per target pass (accepted drafts plus the target's own token)."""
-        return self.generated_tokens / self.rounds if self.rounds else 0.0
+        """Tokens committed per target pass after the first token (accepted drafts plus the target's own)."""
+        return (self.generated_tokens - 1) / self.rounds if self.rounds else 0.0
 
     @property
     def sparsity(self) -> float:
         """Share of the context rows that verification skipped (0 for dense)."""
         return 1.0 - self.kept_rows / self.dense_rows if self.dense_rows else 0.0
 
-    def rate(self, tokens: int, seconds: float) -> float:
-        return tokens / seconds if seconds > 0 else 0.0
+    @property
+    def decode_rate(self) -> float:
+        """Tokens per second after the first (which comes from the prompt's pass), as llama.cpp's eval rate."""
+        return self.rate(self.generated_tokens - 1, self.decode_seconds)
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens whose KV every model in use reused (the draft may hold fewer than the target,
+        e.g. after a call without it)."""
+        return min(self.cached_tokens, self.draft_cached_tokens) if self.gamma else self.cached_tokens
+
+    @staticmethod
+    def rate(tokens: int, seconds: float) -> float:
+        return tokens / seconds if seconds > 0 and tokens > 0 else 0.0
 
     def summary(self) -> str:
-        prefilled = self.prompt_tokens - self.cached_tokens
-        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
-        parts = [
-            f"prompt {self.prompt_tokens} tok{cached} {self.rate(prefilled, self.prompt_seconds):.1f} tok/s",
-            f"generated {self.generated_tokens} tok {self.rate(self.generated_tokens, self.decode_seconds):.1f} tok/s",
-        ]
-        if self.gamma:
+        reused = f" ({self.reused_tokens} reused)" if self.reused_tokens else ""
+        prefill = self.rate(self.prompt_tokens - self.reused_tokens, self.prompt_seconds)
+        prompt = f"prompt {self.prompt_tokens} tok{reused}, prefill {prefill:.1f} tok/s"
+        decode = f"generated {self.generated_tokens} tok"
+        if self.generated_tokens > 1:
+            decode += f", decode {self.decode_rate:.1f} tok/s"
+        parts = [prompt, decode]
+        if self.gamma and self.rounds:
             parts += [
                 f"acceptance {self.acceptance_rate:.0%} ({self.mean_accepted:.2f} tok/round, gamma {self.gamma})",
                 f"draft {self.rate(self.draft_tokens, self.draft_seconds):.1f} tok/s",
-                f"target {self.rate(self.target_tokens, self.target_seconds):.1f} tok/s",
+                f"verify {1000 * self.target_seconds / self.rounds:.1f} ms/round",
             ]
-        if self.dense_rows:
-            parts.append(f"sparsity {self.sparsity:.0%}")
+        if self.dense_rows and self.kept_rows < self.dense_rows:
+            parts.append(f"sparse verification ({self.policy}): {self.sparsity:.0%} of context rows skipped")
+        elif self.policy != "dense" and self.rounds:
+            parts.append(f"verification dense ({self.policy}: the context fits the token budget)")
+        if self.peak_memory_of:
+            parts.append(f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_of})")
         return " | ".join(parts)
 
 
@@ -184,8 +215,8 @@ def generate_tokens(
         raise ValueError("the prompt is empty; give at least one token")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    if draft is not None and not 1 <= gamma <= 32:
-        raise ValueError(f"gamma (draft tokens per round) must be between 1 and 32, got {gamma}")
+    if draft is not None:
+        check_gamma(gamma)
     gamma = gamma if draft is not None else 0
     if policy is not None and policy.name == "dense":
         policy = None
@@ -206,6 +237,8 @@ def generate_tokens(
         model.rollback(min(model.length, keep))
     stats = stats if stats is not None else GenerationStats()
     stats.gamma, stats.prompt_tokens, stats.cached_tokens = gamma, len(prompt), target.length
+    stats.draft_cached_tokens = draft.length if draft is not None else 0
+    stats.policy = policy.name if policy is not None else "dense"
     stats.accepted_histogram = [0] * (gamma + 1)
     rng = params.rng()
     capacity = min(target.capacity, draft.capacity) if draft is not None else target.capacity

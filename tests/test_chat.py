@@ -49,7 +49,7 @@ def test_piped_chat_answers_keeps_history_and_resets(model_dirs, draft_dir, engi
     assert "[conversation cleared]" in result.stderr
     assert result.stderr.count("tok/s") >= 4  # three answers and /stats
     assert "peak memory" in result.stderr and "acceptance" in result.stderr
-    assert "cached)" in result.stderr  # the second turn reused the KV of the first
+    assert "reused)" in result.stderr  # the second turn reused the KV of the first
 
 
 def test_chat_in_a_pseudo_terminal_streams_and_quits(model_dirs, draft_dir, engine):

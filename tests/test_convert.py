@@ -10,7 +10,7 @@ import torch
 from sts_edge import ModelLoadError
 from sts_edge.backend import load_model
 from sts_edge.config import ModelConfig
-from sts_edge.convert import _llama3_rope_scaling, convert, unpermute
+from sts_edge.convert import OutputDirError, _llama3_rope_scaling, convert, unpermute
 from sts_edge.tokenizer import Tokenizer
 
 
@@ -137,3 +137,74 @@ def test_llama3_rope_factors_become_rope_scaling(tmp_path):
     assert recovered == raw["rope_scaling"]
     with pytest.raises(ModelLoadError, match="not Llama 3"):
         _llama3_rope_scaling(factors * 1.5, theta, head_dim)
+
+
+# --- the output directory: nothing of the user's is ever lost ------------------------------------
+
+
+def leftovers(parent: Path, keep: set[str]) -> set[str]:
+    return {p.name for p in parent.iterdir()} - keep
+
+
+def test_convert_refuses_a_directory_of_user_files_before_any_work(tmp_path):
+    project = tmp_path / "my_project"
+    (project / "src").mkdir(parents=True)
+    (project / "README.txt").write_text("mine")
+    (project / "src" / "main.py").write_text("print('mine')")
+    for force in (False, True):
+        # The GGUF path does not even exist: the output check must come first.
+        with pytest.raises(OutputDirError, match="did not write"):
+            convert(tmp_path / "missing.gguf", project, progress=False, force=force)
+    assert (project / "README.txt").read_text() == "mine" and (project / "src" / "main.py").read_text() == "print('mine')"
+    assert leftovers(tmp_path, {"my_project"}) == set()
+
+
+def test_convert_refuses_an_existing_file_before_any_work(tmp_path):
+    target = tmp_path / "afile.txt"
+    target.write_text("keep me")
+    with pytest.raises(OutputDirError, match="existing file"):
+        convert(tmp_path / "missing.gguf", target, progress=False)
+    assert target.read_text() == "keep me" and leftovers(tmp_path, {"afile.txt"}) == set()
+
+
+def test_force_replaces_only_what_a_conversion_wrote(tiny_gguf, tmp_path, monkeypatch):
+    import sts_edge.convert as convert_module
+
+    out = convert(tiny_gguf, tmp_path / "model", progress=False)
+    ours = {p.name for p in out.iterdir()}
+    (out / "notes.md").write_text("my notes")
+    with pytest.raises(OutputDirError, match="--force"):
+        convert(tiny_gguf, out, progress=False)
+    # A conversion that fails half-way leaves the earlier model and the notes as they were.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def failing_write(path, tensors, dtype="BF16"):
+        calls.append(path)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert_module, "write_safetensors", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        convert(tiny_gguf, out, progress=False, force=True)
+    assert calls and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert leftovers(tmp_path, {"model"}) == set()
+    monkeypatch.undo()
+    convert(tiny_gguf, out, progress=False, force=True)
+    assert {p.name for p in out.iterdir()} == ours | {"notes.md"}
+    assert (out / "notes.md").read_text() == "my notes"
+    assert load_model(out, "torch-cpu", max_seq_len=16).forward([1, 2, 3]).shape[0] == 1
+
+
+def test_convert_cli_says_what_is_wrong_with_the_paths(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "adir").mkdir()
+    result = subprocess.run([sys.executable, "-m", "sts_edge.convert", "--gguf", str(tmp_path / "adir"), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "is a directory" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "afile.txt").write_text("x")
+    result = subprocess.run([sys.executable, "-m", "sts_edge.convert", "--gguf", str(tmp_path / "adir"), "--out",
+                             str(tmp_path / "afile.txt")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "existing file" in result.stderr and "Traceback" not in result.stderr
+    assert leftovers(tmp_path, {"adir", "afile.txt"}) == set()

@@ -6,7 +6,6 @@ it they skip and say why. Tests of the assembling logic itself need nothing and 
 
 import hashlib
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -101,12 +100,14 @@ def test_converted_gguf_matches_transformers_gguf_loading(pair, role):
             messages, tokenize=False, add_generation_prompt=True)
 
         ids = emma_ids(tokenizer, 256)
-        hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32).eval()
+        # Loaded in bfloat16, our directory's storage, then run in float32: rounding the weights
+        # as we store them without holding a float32 copy beside the dequantised checkpoint.
+        hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.bfloat16).eval()
     finally:
         gguf_path.unlink()
     with torch.no_grad():
-        for parameter in hf.parameters():
-            parameter.data = parameter.data.bfloat16().float()
+        for parameter in hf.parameters():  # transformers refuses .float() on a model read from GGUF
+            parameter.data = parameter.data.float()
         expected = hf(torch.tensor([ids])).logits[0].numpy()
     del hf
     ours = load_model(model_dir, "torch-cpu", max_seq_len=300).forward(ids, all_logits=True)
@@ -152,13 +153,3 @@ def test_real_pair_sts_at_quarter_budget_reports_recall(engine):
     assert rows["sts"]["sparsity"] > 0.5
     print(f"real pair, 2K context, 25% budget: recall sts {rows['sts']['recall']:.3f}, oracle {rows['oracle']['recall']:.3f}, "
           f"streaming {rows['streaming']['recall']:.3f}")
-
-
-@needs_demo
-def test_chat_with_no_model_flags_runs_the_demo_pair():
-    result = subprocess.run([sys.executable, "-m", "sts_edge.chat", "--max-tokens", "24", "--backend", "torch-cpu"],
-                            input="Write a Python function that returns the square of a number.\n",
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
-    assert "def" in result.stdout
-    assert "acceptance" in result.stderr

@@ -144,11 +144,38 @@ def test_api_key_is_enforced(engine):
         host, port = srv.server_address[:2]
         wrong = OpenAI(base_url=f"http://{host}:{port}/v1", api_key="guess", max_retries=0)
         with pytest.raises(APIStatusError) as denied:
-            wrong.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+            wrong.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=2)
         assert denied.value.status_code == 401
         right = OpenAI(base_url=f"http://{host}:{port}/v1", api_key="s3cret", max_retries=0)
-        assert right.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2).choices
+        assert right.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=2).choices
         assert raw_request(srv, "GET", "/health")[0] == 200  # health needs no key
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_model_the_server_does_not_run_is_404(server, client):
+    status, payload = raw_request(server, "POST", "/v1/chat/completions",
+                                  json.dumps({"model": "qwen-7b", "messages": MESSAGES}).encode())
+    assert status == 404 and payload["error"]["code"] == "model_not_found" and "tiny-llama" in payload["error"]["message"]
+    assert client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=2).choices
+
+
+def test_server_command_names_the_model_as_given_not_by_its_path(model_dirs):
+    import subprocess
+    import sys
+
+    model_dir = model_dirs["smollm2"]
+    process = subprocess.Popen([sys.executable, "-m", "sts_edge.server", "--model", str(model_dir), "--port", "0",
+                                "--backend", "torch-cpu", "--max-seq-len", "128"], stderr=subprocess.PIPE, text=True)
+    try:
+        banner = process.stderr.readline()
+        assert banner.startswith(f"sts-edge serving {model_dir.name} on http://127.0.0.1:"), banner
+        port = int(banner.split("127.0.0.1:")[1].split("/")[0])
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == [model_dir.name]
+        reply = client.completions.create(model=str(model_dir), prompt="The harbour", max_tokens=2)
+        assert reply.model == model_dir.name and str(model_dir.parent) not in reply.model_dump_json()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -15,6 +15,7 @@ from sts_edge.backends.cuda.model import ScoreCollection, Transformer
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationMask, units
+from sts_edge.memory import process_peak, reset_process_peak
 from sts_edge.quantization import dequantize, module_settings
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
 
@@ -81,6 +82,21 @@ class TorchCausalLM:
         self._length = int(length)
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start measuring peak memory afresh: the GPU's allocator on "cuda", the process on the CPU."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_process_peak()
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    """(bytes, what they measure) since the last reset."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated(), "GPU"
+    return process_peak(), "process RSS"
+
+
 def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> TorchCausalLM:
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
     if dtype is None:
@@ -90,17 +106,20 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
 
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     state: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(model_dir):
-        for name, tensor in load_file(str(path)).items():
-            mapped = internal_name(name, config)
-            if mapped is not None:
-                state[mapped] = tensor
-    _dequantize_in_place(state, config)
+        with safe_open(str(path), framework="pt") as checkpoint:
+            for name in checkpoint.keys():
+                mapped = internal_name(name, config)
+                if mapped is None:
+                    continue
+                tensor = checkpoint.get_tensor(name)
+                # Converted as read, so the file's copy and ours never both exist whole.
+                state[mapped] = tensor.to(device=torch_device, dtype=torch_dtype) if tensor.is_floating_point() else tensor
+    _dequantize_in_place(state, config, torch_device, torch_dtype)
     check_complete(set(state), config, model_dir)
-    state = {name: tensor.to(device=torch_device, dtype=torch_dtype) for name, tensor in state.items()}
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -114,7 +133,8 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
     return TorchCausalLM(model.eval(), max_seq_len)
 
 
-def _dequantize_in_place(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+def _dequantize_in_place(state: dict[str, torch.Tensor], config: ModelConfig, device: torch.device,
+                         dtype: torch.dtype) -> None:
     """Replace each quantized `X.weight` (with `X.scales`, `X.biases`) by its decoded float weight."""
     for scales_name in [name for name in state if name.endswith(".scales")]:
         module = scales_name.removesuffix(".scales")
@@ -123,4 +143,4 @@ def _dequantize_in_place(state: dict[str, torch.Tensor], config: ModelConfig) ->
             raise ModelLoadError(f"{module} is quantized but config.json has no 'quantization' block")
         packed, scales, biases = state.pop(module + ".weight"), state.pop(scales_name), state.pop(module + ".biases")
         decoded = dequantize(packed.numpy(), scales.float().numpy(), biases.float().numpy(), *settings)
-        state[module + ".weight"] = torch.from_numpy(decoded)
+        state[module + ".weight"] = torch.from_numpy(decoded).to(device=device, dtype=dtype)

@@ -15,6 +15,7 @@ from sts_edge.backends.mlx.model import KVCache, Transformer
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationMask, units
+from sts_edge.memory import process_peak, reset_process_peak
 from sts_edge.quantization import module_settings
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
 
@@ -67,6 +68,21 @@ class MLXCausalLM:
         if not 0 <= length <= self._length:
             raise ValueError(f"cannot roll back to {length}: {self._length} positions are committed")
         self._length = int(length)
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start measuring peak memory afresh: MLX's Metal allocator, or the process on the CPU."""
+    if metal_available():
+        mx.reset_peak_memory()
+    else:
+        reset_process_peak()
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    """(bytes, what they measure) since the last reset."""
+    if metal_available():
+        return mx.get_peak_memory(), "Metal"
+    return process_peak(), "process RSS"
 
 
 def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> MLXCausalLM:
