@@ -40,10 +40,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sts_edge.backends.cuda.attention import attend, attend_and_score, causal_block_mask, sparse_attend
+from sts_edge.backends.torch.attention import attend_and_score, causal_block_mask, sparse_attend
+from sts_edge.backends.torch.attention import dense_attend as attend
+from sts_edge.backends.torch.selection import csr_offsets, select_sets
 from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores
-from sts_edge.triton_kernels.selection import csr_offsets, select_sets
-from sts_edge.triton_kernels.verify_attention import split_attention
+from sts_edge.triton_kernels.verify_attention import IndexLists, Launch, split_attention
 
 TARGET = dict(heads=32, kv_heads=8, head_dim=128)  # Llama-3.1-8B attention
 DRAFT = dict(heads=32, kv_heads=8, head_dim=64)  # Llama-3.2-1B attention
@@ -56,7 +57,7 @@ def time_graph(calls: list[Callable[[], object]], replays: int = 30) -> float:
     """Median microseconds per call, from CUDA-graph replays of all `calls` in a row.
 
     The list is repeated up to MIN_CALLS calls per graph: a replay's own launch costs several
-    microseconds (about 7 us on an H100 in one comparison, as much as a short kernel), which in the
+    microseconds (as much as a short kernel; benchmarks/README.md), which in the
     runtime is spread over a whole decode step's graph, so it is spread here too."""
     calls = calls * -(-MIN_CALLS // len(calls))
     stream = torch.cuda.Stream()
@@ -180,9 +181,9 @@ def bench_verify(contexts: list[int], queries: list[int], budgets: list[str], co
                 lists = fresh_lists(kv_heads, context, kept, len(sets), run)
                 offsets = csr_offsets(kv_heads, kept, torch.device("cuda"))
                 ref = sparse_attend(q.float(), k.float(), v.float(), context, lists[0].view(kv_heads, kept).long())
-                err = rel_error(split_attention(q, k, v, context, lists[0], offsets, kept), ref)
-                sparse_us = time_graph([lambda s=s, idx=idx: split_attention(s[0], s[1], s[2], context, idx, offsets,
-                                                                             kept, check=False)
+                err = rel_error(split_attention(q, k, v, context, IndexLists(lists[0], offsets, kept)), ref)
+                sparse_us = time_graph([lambda s=s, idx=idx: split_attention(s[0], s[1], s[2], context,
+                                                                             IndexLists(idx, offsets, kept), check=False)
                                         for s, idx in zip(itertools.cycle(sets), lists)])
                 gather_us = time_graph([lambda s=s, idx=idx: sparse_attend(s[0], s[1], s[2], context,
                                                                            idx.view(kv_heads, kept).long())
@@ -390,7 +391,8 @@ def bench_ceiling(copy_gbs: float, context: int = 131072, fraction: float = 0.1)
     offsets = csr_offsets(kv_heads, kept, torch.device("cuda"))
     for n in (1, 5):
         q = torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
-        us = time_graph([lambda idx=idx: split_attention(q, k, v, context, idx, offsets, kept, check=False) for idx in lists])
+        us = time_graph([lambda idx=idx: split_attention(q, k, v, context, IndexLists(idx, offsets, kept), check=False)
+                         for idx in lists])
         add(f"sparse verification, {n} queries", us, bytes_read(kv_heads, head_dim, kept, n, indexed=True))
     best = {}
     for row in record["rows"]:
@@ -418,9 +420,10 @@ def tune(copy_gbs: float) -> list[dict]:
                 for warps in (4, 8):
                     for stages in (2, 3, 4, 5, 7):  # with lists: one gather buffer at 2-4, two at 5-6, three at 7
                         try:
-                            us = time_graph([lambda idx=idx: split_attention(q, k, v, context, idx, offsets, kept,
-                                                                             num_splits=splits, block_n=block_n,
-                                                                             num_warps=warps, num_stages=stages, check=False)
+                            launch = Launch(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+                            us = time_graph([lambda idx=idx: split_attention(
+                                q, k, v, context, None if idx is None else IndexLists(idx, offsets, kept),
+                                launch=launch, check=False)
                                              for idx in lists], replays=20)
                         except Exception as err:  # noqa: BLE001 (out of shared memory for some tiles)
                             print(f"  block_n {block_n} warps {warps} stages {stages}: {type(err).__name__}", flush=True)

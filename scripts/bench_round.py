@@ -26,13 +26,14 @@ import time
 import numpy as np
 import torch
 
-from sts_edge.backends.cuda.graphs import DecodeGraphs
-from sts_edge.backends.cuda.loader import TorchCausalLM
-from sts_edge.backends.cuda.model import Transformer
+from sts_edge.backend import ScoreSpec
+from sts_edge.backends.torch.graphs import DecodeGraphs
+from sts_edge.backends.torch.loader import TorchModel
+from sts_edge.backends.torch.model import Reads, Transformer
+from sts_edge.backends.torch.selection import LayerSets, select_sets_at
 from sts_edge.config import ModelConfig
-from sts_edge.mask import LayerHeadMap, MaskPolicy
-from sts_edge.speculative import Sparsity
-from sts_edge.triton_kernels.selection import select_sets_at
+from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationPlan
+from sts_edge.sampling import GREEDY
 
 from bench_kernels import run_header
 
@@ -43,13 +44,13 @@ LLAMA_1B = dict(LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_l
                 num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
 
 
-def random_model(raw: dict, capacity: int) -> TorchCausalLM:
+def random_model(raw: dict, capacity: int) -> TorchModel:
     config = ModelConfig.from_dict(raw, source="benchmark shape")
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = Transformer(config).eval()
     torch.set_default_dtype(torch.float32)
-    lm = TorchCausalLM(model, capacity)
+    lm = TorchModel(model, capacity)
     for layer in model.layers:  # a filled cache: random rows, as if the context had been prefilled
         layer.self_attn.cache.k.normal_()
         layer.self_attn.cache.v.normal_()
@@ -64,29 +65,28 @@ def timed(fn) -> float:
     return (time.perf_counter() - begin) * 1000
 
 
-def one_round(target: TorchCausalLM, draft: TorchCausalLM, context: int, gamma: int, sparsity: Sparsity | None) -> dict:
-    """Milliseconds of each phase of one round, both models starting at `context` committed tokens."""
+def score_spec(plan: VerificationPlan | None) -> ScoreSpec | None:
+    return ScoreSpec(plan.policy.granularity, plan.policy.aggregation) if plan else None
+
+
+def one_round(target: TorchModel, draft: TorchModel, context: int, gamma: int, plan: VerificationPlan | None) -> dict:
+    """Milliseconds of each phase of one round, both models starting at `context` committed tokens,
+    through the backend protocol as the speculative loop calls it (greedy)."""
     target.rollback(0)
     draft.rollback(0)
     target._length = draft._length = context  # the caches already hold `context` rows
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, target.config.vocab_size, gamma + 1).tolist()
-    masks = []
+    first = int(rng.integers(0, target.config.vocab_size))
+    proposals = []
 
     def drafting():
-        if sparsity:
-            draft.start_scores(sparsity.policy.granularity, sparsity.policy.aggregation)
-        for token in tokens[:gamma]:
-            draft.forward([token])
+        proposals.append(draft.draft([first], gamma, GREEDY, rng, scores=score_spec(plan)))
 
-    def selecting():  # the mask only: the verification forward selects (in its graph, or eagerly)
-        if sparsity:
-            masks.append(sparsity.mask(target, draft.read_scores(context, on_device=True)))
+    def verifying():  # selection runs inside (in the verification graph, or eagerly)
+        proposal = proposals[-1]
+        target.verify([first] + proposal.tokens, GREEDY, plan, proposal.scores).argmax()
 
-    def verifying():
-        target.forward(tokens, all_logits=True, mask=masks[-1] if masks else None)
-
-    return {"draft_ms": timed(drafting), "select_ms": timed(selecting), "verify_ms": timed(verifying)}
+    return {"draft_ms": timed(drafting), "select_ms": 0.0, "verify_ms": timed(verifying)}
 
 
 def graph_ms(record, replays: int = 10) -> float:
@@ -110,37 +110,33 @@ def graph_ms(record, replays: int = 10) -> float:
     return statistics.median(times)
 
 
-def graphed_round(target: TorchCausalLM, draft: TorchCausalLM, context: int, gamma: int, sparsity: Sparsity | None) -> dict:
+def graphed_round(target: TorchModel, draft: TorchModel, context: int, gamma: int, plan: VerificationPlan | None) -> dict:
     """The same round's phases, each captured as a CUDA graph at this context and replayed: the
     device time a graph-captured runtime would see, with no launch overhead."""
     rng = np.random.default_rng(1)
     tokens = torch.tensor(rng.integers(0, target.config.vocab_size, gamma + 1), device="cuda")
-    if sparsity:
-        draft.start_scores(sparsity.policy.granularity, sparsity.policy.aggregation)
-    scores = draft._scores
+    scores = draft._new_scores(score_spec(plan)) if plan else None
 
     def drafting():
         if scores is not None:
             scores.buffer.zero_()
         for i in range(gamma):
-            draft.model(tokens[i : i + 1], context + i, False, scores=scores)
+            draft.model(tokens[i : i + 1], context + i, False, Reads(scores=scores))
 
     row = {"draft_ms": graph_ms(drafting)}
-    target._length = context
-    mask = sparsity.mask(target, scores.buffer) if sparsity else None
+    sets = LayerSets(plan, context, target.config.num_key_value_heads, scores.buffer) if plan else None
     # Selection as the runtime's verification graph replays it: at a device-side position, over
     # the columns of the position's bucket (up to twice the context).
     bound = DecodeGraphs(target.model, target.capacity).bound(context, gamma + 1)
     at = torch.tensor([context], dtype=torch.int32, device="cuda")
 
     def selecting():
-        policy = sparsity.policy
-        mask._device_sets = select_sets_at(scores.buffer, at, bound, policy.budget_tokens(context), policy.sink,
-                                           policy.window)
+        policy = plan.policy
+        sets.draft_sets = select_sets_at(scores.buffer, at, bound, policy.budget_tokens(context), policy.sink,
+                                         policy.window)
 
-    row["select_ms"] = graph_ms(selecting) if sparsity else 0.0
-    row["verify_ms"] = graph_ms(lambda: target.model(tokens, context, True, mask=mask))
-    draft._scores = None
+    row["select_ms"] = graph_ms(selecting) if plan else 0.0
+    row["verify_ms"] = graph_ms(lambda: target.model(tokens, context, True, Reads(sets=sets)))
     return row
 
 
@@ -149,7 +145,7 @@ def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: 
     target = random_model(LLAMA_8B, capacity)
     draft = random_model(LLAMA_1B, capacity)
     policy = MaskPolicy("sts", budget=budget, sink=4, window=64)
-    sparsity = Sparsity(policy, LayerHeadMap.proportional(target.config, draft.config, policy.granularity))
+    sparsity = VerificationPlan(policy, LayerHeadMap.proportional(target.config, draft.config, policy.granularity))
     rows = []
     with torch.inference_mode():
         for context in contexts:

@@ -36,8 +36,18 @@ from pathlib import Path
 import numpy as np
 
 from sts_edge.api import load
+from sts_edge.backend import ScoreSpec
+from sts_edge.sampling import GREEDY
 from sts_edge.cli import parse_budget
-from sts_edge.mask import POLICIES, LayerHeadMap, MaskPolicy, VerificationMask, attention_recall, group_attention, units
+from sts_edge.mask import (
+    POLICIES,
+    LayerHeadMap,
+    MaskPolicy,
+    VerificationPlan,
+    attention_recall,
+    group_attention,
+    reference_sets,
+)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -46,25 +56,27 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class RecallProbe:
-    """A dense verification pass that measures, per layer, how much attention each policy's sets hold."""
+    """Observes a dense verification pass and measures, per layer, how much of its attention mass the
+    sets of each plan hold, with the sets chosen by the selection contract's numpy reference on this
+    pass's own queries and keys (so every policy faces the same ones, and the oracle is the bound)."""
 
-    needs_queries = True
+    def __init__(self, context: int, plans: dict[tuple, tuple[VerificationPlan, np.ndarray | None]], heads: int,
+                 kv_heads: int):
+        self.context, self.plans, self.heads, self.kv_heads = context, plans, heads, kv_heads
+        self.inside = dict.fromkeys(plans, 0.0)
+        self.total = dict.fromkeys(plans, 0.0)
 
-    def __init__(self, context: int, masks: dict[tuple[str, str], VerificationMask]):
-        self.context, self.masks = context, masks
-        self.inside = dict.fromkeys(masks, 0.0)
-        self.total = dict.fromkeys(masks, 0.0)
-
-    def sets_for(self, layer: int, q: np.ndarray, keys: np.ndarray) -> None:
+    def observe(self, layer: int, q: np.ndarray, keys: np.ndarray) -> None:
         mass = {}
-        for key, mask in self.masks.items():
-            granularity = mask.policy.granularity
+        for key, (plan, scores) in self.plans.items():
+            granularity = plan.policy.granularity
             if granularity not in mass:
                 mass[granularity] = group_attention(q, keys, self.context, granularity)
-            inside, total = attention_recall(mass[granularity], mask.sets_for(layer, q, keys))
+            count = self.kv_heads if granularity == "kv" else self.heads
+            sets = reference_sets(plan, layer, self.context, count, q, keys, scores)
+            inside, total = attention_recall(mass[granularity], sets)
             self.inside[key] += inside
             self.total[key] += total
-        return None
 
 
 def budget_label(budget: float) -> str:
@@ -91,39 +103,38 @@ def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: i
 
     for model in (target, draft):
         model.rollback(0)
-        for start in range(0, context, 512):
-            model.forward(tokens[start : min(context, start + 512)])
+        model.prefill(tokens[:context])
     starts = range(context, context + eval_tokens - block_len + 1, block_len)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="evaluating", unit="block")
+    layers = target.config.num_hidden_layers
     for p in starts:
         block, truth = tokens[p : p + block_len], np.array(tokens[p + 1 : p + block_len + 1])
-        # Draft: catch up to the block and read it, collecting scores as in a speculative round.
-        draft.start_scores("kv", "max")
-        draft_logits = draft.forward(tokens[draft.length : p + gamma], all_logits=True)[-gamma:]
-        draft_scores = {"kv": draft.read_scores(p)}
+        # Draft: catch up to the block and read it, teacher-forced, collecting scores as in a round.
+        pending = tokens[draft.length : p + 1]
+        proposal = draft.draft(pending, gamma, GREEDY, None, scores=ScoreSpec("kv", "max"), forced=block[1:])
+        draft_choice = np.array(proposal.probs.argmax())
+        draft_scores = {"kv": proposal.scores}
         if "query" in granularities:
             draft.rollback(p)
-            draft.start_scores("query", "max")
-            draft.forward(tokens[p : p + gamma])
-            draft_scores["query"] = draft.read_scores(p)
-        draft_choice = draft_logits.argmax(axis=-1)
+            draft_scores["query"] = draft.draft(block[:1], gamma, GREEDY, None, scores=ScoreSpec("query", "max"),
+                                                forced=block[1:]).scores
 
-        masks = {}
+        plans = {}
         for key, policy, mapping in zip(keys, policies, policy_maps):
             if policy.name != "dense":
-                g = policy.granularity
-                masks[key] = VerificationMask(policy, p, units(target.config, g), mapping[g], draft_scores[g])
+                plans[key] = VerificationPlan(policy, mapping[policy.granularity] if policy.name == "sts" else None)
         # Sparse passes first (each rolled back), then the dense pass that also measures recall
         # and leaves the block in the cache for the next one.
         sparse_logits = {}
-        for key, mask in masks.items():
-            sparse_logits[key] = target.forward(block, all_logits=True, mask=mask)
+        for key, plan in plans.items():
+            sparse_logits[key] = target.verify(block, GREEDY, plan, draft_scores[plan.policy.granularity]).logits()
             target.rollback(p)
-        probe = RecallProbe(p, {k: dataclasses.replace(m, draft_scores=m.draft_scores) for k, m in masks.items()})
-        dense = target.forward(block, all_logits=True, mask=probe)
+        probe = RecallProbe(p, {k: (plan, draft_scores[plan.policy.granularity].numpy(p)) for k, plan in plans.items()},
+                            target.config.num_attention_heads, target.config.num_key_value_heads)
+        dense = target.verify(block, observer=probe).logits()
         dense_logp = log_softmax(dense.astype(np.float64))
         dense_nll -= dense_logp[np.arange(block_len), truth].sum()
         dense_positions += block_len
@@ -139,11 +150,12 @@ def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: i
             agree = draft_choice == logits[:gamma].argmax(-1)
             s["accepted"] += int(np.cumprod(agree).sum())
             s["drafted"] += gamma
-            if key in masks:
+            if key in plans:
                 s["inside"] += probe.inside[key]
                 s["total"] += probe.total[key]
-                s["kept"] += masks[key].kept_rows
-                s["dense"] += masks[key].dense_rows
+                kept, dense_rows = plans[key].policy.rows_read(p, layers)
+                s["kept"] += kept
+                s["dense"] += dense_rows
 
     results = []
     oracle_recall = {}

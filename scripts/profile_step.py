@@ -6,8 +6,8 @@ For a Llama-3.2-1B-shaped draft step (1 token) and a Llama-3.1-8B-shaped verific
 (5 tokens) at one context (random weights and caches, as in bench_round.py), each captured as a
 CUDA graph at a device-side position: the graph's replay time, and from torch.profiler the
 number of kernels the step launches, their summed time and the costliest of them. Then four
-draft steps three ways: as one graph, as four replays back to back, and through
-TorchCausalLM.forward (the runtime, which brings each step's logits to the host).
+draft steps three ways: as one graph, as four replays back to back, and through the backend's
+`draft` (the runtime, which brings each step's argmax to the host to choose the next token).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from sts_edge.sampling import GREEDY
 
 from bench_kernels import run_header
 from bench_round import LLAMA_1B, LLAMA_8B, graph_ms, random_model, timed
@@ -59,7 +61,7 @@ def draft_steps(context: int, steps: int = 4, repeats: int = 10) -> dict:
     def runtime() -> float:
         lm.rollback(0)
         lm._length = context  # the caches hold `context` rows already
-        return timed(lambda: [lm.forward([token]) for token in range(5, 5 + steps)])
+        return timed(lambda: lm.draft([5], steps, GREEDY, None))
 
     runtime()  # captures the graph
     runtime_ms = statistics.median(runtime() for _ in range(repeats))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_quality import budget_label, evaluate  # noqa: E402
 
 from sts_edge import load  # noqa: E402
-from sts_edge.calibrate import default_path, load_mapping  # noqa: E402
+from sts_edge.calibration import default_path, load_mapping  # noqa: E402
 from sts_edge.cli import parse_budget  # noqa: E402
 from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET  # noqa: E402
 from sts_edge.mask import GRANULARITIES, MaskPolicy  # noqa: E402

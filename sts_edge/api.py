@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from sts_edge.backend import CausalLM, default_capacity, load_model, peak_memory, reset_peak_memory, resolve_backend
+from sts_edge.calibration import CalibrationError, default_path, load_mapping
 from sts_edge.config import ModelConfig
 from sts_edge.errors import IncompatibleModelsError, ModelLoadError
-from sts_edge.mask import LayerHeadMap, MaskPolicy
+from sts_edge.mask import GRANULARITIES, LayerHeadMap, MaskPolicy
 from sts_edge.models import resolve_model
 from sts_edge.sampling import SamplingParams
 from sts_edge.speculative import GenerationStats, generate_tokens
@@ -249,14 +250,11 @@ def load(
 
 
 def _calibration_maps(target_dir, draft_dir, target_cfg: ModelConfig, draft_cfg: ModelConfig, calibration) -> dict[str, LayerHeadMap]:
-    from sts_edge import calibrate
-    from sts_edge.mask import GRANULARITIES
-
     if calibration is None:
         return {}
-    path = calibrate.default_path(target_dir, draft_dir) if calibration == "auto" else Path(calibration)
+    path = default_path(target_dir, draft_dir) if calibration == "auto" else Path(calibration)
     if calibration == "auto" and not path.is_file():
         return {}
     if not path.is_file():
-        raise calibrate.CalibrationError(f"calibration file {path} does not exist")
-    return {g: calibrate.load_mapping(path, target_dir, draft_dir, target_cfg, draft_cfg, g) for g in GRANULARITIES}
+        raise CalibrationError(f"calibration file {path} does not exist")
+    return {g: load_mapping(path, target_dir, draft_dir, target_cfg, draft_cfg, g) for g in GRANULARITIES}

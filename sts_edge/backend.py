@@ -1,12 +1,26 @@
-"""The small protocol between the backend-agnostic core and a framework (torch or MLX).
+"""The protocol between the backend-agnostic core and a framework (PyTorch or MLX).
 
-A backend loads a model directory into a `CausalLM`: a model plus its own preallocated KV cache.
-The speculative loop needs only a few things from it: run some tokens and get logits back, know
-how many positions are committed, forget positions past a given length (O(1) rollback), and the
-config. Logits come back as float32 numpy rows so that sampling and acceptance are written once.
+A backend loads a model directory into a `CausalLM`: a model with its own preallocated KV cache
+on the backend's device. The core's loop (speculative.py) asks it for the steps of a speculative
+round, not for layers or logits:
 
-For STS, a draft collects its attention scores during a round (start_scores / read_scores), and
-a target's forward takes a VerificationMask that hands each layer its token index sets.
+    prefill(tokens)                          Distributions of the last position
+    draft(pending, gamma, sampling, rng)     a Proposal: gamma tokens, the distributions they were
+                                             drawn from, and for STS the round's attention scores
+    verify(block, sampling, plan, scores)    Distributions at every position of the block; with a
+                                             VerificationPlan each target layer reads only the sets
+                                             the plan's policy selects, on the device
+    rollback(length)                         forget positions from `length` on, in O(1)
+
+Distributions, scores and sets stay on the backend's device. The core moves only what the
+acceptance rule needs: the argmax at temperature 0, else the probabilities of the drafted tokens
+and at most one whole row per round. Measurements (calibration, recall) pass a
+VerificationObserver, which is handed each layer's queries and keys as numpy: the one place
+where per-layer data crosses to the host, and only when asked.
+
+`BackendModel` is what every backend shares: the committed length, the checks before a forward,
+chunked prefill and the draft loop. A backend supplies `_forward`, its Distributions and its
+score buffer; a backend that drafts on its device overrides `draft`, and the protocol stays.
 """
 
 from __future__ import annotations
@@ -15,26 +29,88 @@ import importlib
 import importlib.util
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from sts_edge.config import ModelConfig
 from sts_edge.errors import BackendUnavailableError
-from sts_edge.mask import VerificationMask
+from sts_edge.mask import VerificationPlan
+from sts_edge.sampling import GREEDY, SamplingParams, sample
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
 
 # backend name -> (module serving it, what to install when it is missing)
 BACKENDS: dict[str, tuple[str, str]] = {
-    "cuda": ("sts_edge.backends.cuda", 'pip install -e ".[cuda]" from the sts-edge checkout, on a machine with an NVIDIA GPU'),
-    "torch-cpu": ("sts_edge.backends.cuda", "pip install torch --index-url https://download.pytorch.org/whl/cpu "
+    "cuda": ("sts_edge.backends.torch", 'pip install -e ".[cuda]" from the sts-edge checkout, on a machine with an NVIDIA GPU'),
+    "torch-cpu": ("sts_edge.backends.torch", "pip install torch --index-url https://download.pytorch.org/whl/cpu "
                   '(the CPU build), then pip install -e ".[cpu]" from the sts-edge checkout'),
     "mlx": ("sts_edge.backends.mlx", 'pip install -e ".[mlx]" from the sts-edge checkout'),
 }
 
 
+class Distributions(Protocol):
+    """Next-token distributions at some positions, on the backend's device: softmax of the logits
+    after the sampling settings (temperature, top-k, top-p), one-hot at the argmax when greedy."""
+
+    def __len__(self) -> int: ...
+
+    def argmax(self) -> list[int]:
+        """The likeliest token of every row."""
+        ...
+
+    def probs_of(self, tokens: Sequence[int]) -> np.ndarray:
+        """p_i(tokens[i]) for the first len(tokens) rows, float64."""
+        ...
+
+    def row(self, index: int) -> np.ndarray:
+        """One whole distribution on the host, float64 (negative indices count from the end)."""
+        ...
+
+    def logits(self) -> np.ndarray:
+        """The raw logits [rows, vocab] as float32 on the host: for measurements, not the loop."""
+        ...
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What a draft round collects for STS: per draft layer and unit (KV head or query head), the
+    max or sum over the round's queries of their attention probabilities."""
+
+    granularity: str
+    aggregation: str
+
+
+class DraftScores(Protocol):
+    """A round's running [layers, units, capacity] score buffer, on the backend's device."""
+
+    spec: ScoreSpec
+
+    def numpy(self, context: int) -> np.ndarray:
+        """The scores [layers, units, context] of the first positions, on the host (measurements)."""
+        ...
+
+
+@dataclass
+class Proposal:
+    """What the draft proposes in a round."""
+
+    tokens: list[int]
+    probs: Distributions  # [gamma] rows: what each token was drawn from
+    scores: DraftScores | None  # with a ScoreSpec: the round's attention scores, for the target's selection
+
+
+class VerificationObserver(Protocol):
+    """Sees every layer of a forward: its queries [heads, n, head_dim] (rotated) and the keys
+    [kv_heads, context + n, head_dim] they attend over, as float32 numpy. For measurements."""
+
+    def observe(self, layer: int, q: np.ndarray, keys: np.ndarray) -> None: ...
+
+
 class CausalLM(Protocol):
-    """A loaded model with its KV cache. Batch size is one: this is a local, single-user runtime."""
+    """A loaded model with its KV cache. Batch size one: a local, single-user runtime."""
 
     config: ModelConfig
     capacity: int  # positions the KV cache can hold
@@ -44,29 +120,23 @@ class CausalLM(Protocol):
         """Positions committed to the KV cache."""
         ...
 
-    def forward(self, tokens: Sequence[int], all_logits: bool = False, mask: VerificationMask | None = None) -> np.ndarray:
-        """Append `tokens` at positions length.. and return float32 logits.
-
-        Returns [len(tokens), vocab] when `all_logits`, else [1, vocab] for the last token only.
-        With `mask` (whose context must equal `length`), each layer's attention over the context
-        reads only the rows `mask.sets_for(layer, ...)` gives it, plus the new tokens causally.
-        """
+    def prefill(self, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> Distributions:
+        """Append `tokens` (in chunks) and return the distribution after the last one."""
         ...
 
-    def start_scores(self, granularity: str, aggregation: str) -> None:
-        """Zero a running [layers, units, capacity] score buffer; later forwards fold their
-        attention probabilities into it (max or sum over queries, and over each group's query
-        heads at "kv" granularity)."""
+    def draft(self, pending: Sequence[int], gamma: int, sampling: SamplingParams, rng: np.random.Generator, *,
+              vocab: int | None = None, scores: ScoreSpec | None = None,
+              forced: Sequence[int] | None = None) -> Proposal:
+        """Run `pending` (the tokens the cache lacks), then propose `gamma` tokens, each drawn from
+        the distribution after the one before (over the first `vocab` ids) and run in turn, but the
+        last. With `scores`, the round's attention is folded into a fresh score buffer. `forced`
+        proposes the given tokens instead of drawing them (teacher forcing, for measurements)."""
         ...
 
-    def read_scores(self, context: int, on_device: bool = False) -> np.ndarray:
-        """Stop collecting and return the scores [layers, units, context] of the first positions.
-
-        With `on_device`, a backend may return its own device array instead of numpy, with
-        >= context positions (the CUDA backend returns its whole running buffer, from which a
-        CUDA graph selects at any position): the verification mask then selects the token sets
-        on the device.
-        """
+    def verify(self, block: Sequence[int], sampling: SamplingParams = GREEDY, plan: VerificationPlan | None = None,
+               draft_scores: DraftScores | None = None, observer: VerificationObserver | None = None) -> Distributions:
+        """Append `block` and return the distributions at each of its positions. With `plan`, each
+        layer reads the sets its policy selects (sts: from `draft_scores`); `observer` sees every layer."""
         ...
 
     def rollback(self, length: int) -> None:
@@ -74,14 +144,91 @@ class CausalLM(Protocol):
         ...
 
 
-def check_forward(start: int, n: int, capacity: int, mask: VerificationMask | None) -> None:
+def check_forward(start: int, n: int, capacity: int) -> None:
     """What every backend's forward checks before touching the cache."""
     if n == 0:
         raise ValueError("forward needs at least one token")
     if start + n > capacity:
         raise ValueError(f"{start + n} positions exceed the KV cache capacity {capacity}")
-    if mask is not None and mask.context != start:
-        raise ValueError(f"the mask indexes a context of {mask.context} tokens but {start} are committed")
+
+
+class BackendModel:
+    """The part of a CausalLM every backend shares. A subclass implements:
+
+    _forward(tokens, start, last_only, *, scores, plan, draft_scores, observer) -> device logits
+        [n or 1, vocab] of tokens placed at start..; folds attention into `scores` (a buffer from
+        _new_scores) when given; with `plan`, reads the sets it selects.
+    _distributions(logits, sampling, vocab) -> Distributions over the first `vocab` ids.
+    _concat(logits_list) -> the rows one after another.
+    _new_scores(spec) -> a zeroed DraftScores buffer.
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int):
+        self.config, self.capacity = config, capacity
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot roll back to {length}: {self._length} positions are committed")
+        self._length = int(length)
+
+    def prefill(self, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> Distributions:
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        for begin in range(0, len(tokens), PREFILL_CHUNK):
+            logits = self._step(tokens[begin : begin + PREFILL_CHUNK], last_only=True)
+        return self._distributions(logits, sampling, None)
+
+    def verify(self, block: Sequence[int], sampling: SamplingParams = GREEDY, plan: VerificationPlan | None = None,
+               draft_scores: DraftScores | None = None, observer: VerificationObserver | None = None) -> Distributions:
+        if plan is not None and plan.needs_draft_scores(self._length) and draft_scores is None:
+            raise ValueError("the sts policy selects from the draft's scores: pass the round's draft_scores")
+        logits = self._step(block, last_only=False, plan=plan, draft_scores=draft_scores, observer=observer)
+        return self._distributions(logits, sampling, None)
+
+    def draft(self, pending: Sequence[int], gamma: int, sampling: SamplingParams, rng: np.random.Generator, *,
+              vocab: int | None = None, scores: ScoreSpec | None = None,
+              forced: Sequence[int] | None = None) -> Proposal:
+        if forced is not None and len(forced) != gamma:
+            raise ValueError(f"forced proposals must be gamma = {gamma} tokens, got {len(forced)}")
+        buffer = self._new_scores(scores) if scores is not None else None
+        tokens: list[int] = []
+        rows = []
+        for i in range(gamma):
+            logits = self._step(pending, last_only=True, scores=buffer)
+            rows.append(logits)
+            if forced is not None:
+                token = int(forced[i])
+            else:
+                step = self._distributions(logits, sampling, vocab)
+                token = step.argmax()[0] if sampling.greedy else sample(step.row(0), rng)
+            tokens.append(token)
+            pending = [token]
+        return Proposal(tokens, self._distributions(self._concat(rows), sampling, vocab), buffer)
+
+    def _step(self, tokens: Sequence[int], last_only: bool, **reads: Any):
+        start, n = self._length, len(tokens)
+        check_forward(start, n, self.capacity)
+        logits = self._forward(list(tokens), start, last_only, **reads)
+        self._length = start + n
+        return logits
+
+    def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores=None, plan=None, draft_scores=None,
+                 observer=None):
+        raise NotImplementedError
+
+    def _distributions(self, logits, sampling: SamplingParams, vocab: int | None) -> Distributions:
+        raise NotImplementedError
+
+    def _concat(self, logits_list: list):
+        raise NotImplementedError
+
+    def _new_scores(self, spec: ScoreSpec) -> DraftScores:
+        raise NotImplementedError
 
 
 def _installed(module: str) -> bool:
@@ -93,9 +240,7 @@ def auto_backend() -> str:
     if sys.platform == "darwin" and platform.machine() == "arm64" and _installed("mlx"):
         return "mlx"
     if _installed("torch"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "torch-cpu"
+        return importlib.import_module(BACKENDS["cuda"][0]).auto_device()
     if _installed("mlx"):
         return "mlx"
     raise BackendUnavailableError(
@@ -113,11 +258,8 @@ def resolve_backend(name: str = "auto") -> str:
     framework = "mlx" if name == "mlx" else "torch"
     if not _installed(framework):
         raise BackendUnavailableError(f"backend {name!r} needs {framework}: {BACKENDS[name][1]}")
-    if name == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError("backend 'cuda' needs an NVIDIA GPU and a CUDA build of torch; use --backend torch-cpu")
+    if name == "cuda" and importlib.import_module(BACKENDS[name][0]).auto_device() != "cuda":
+        raise BackendUnavailableError("backend 'cuda' needs an NVIDIA GPU and a CUDA build of torch; use --backend torch-cpu")
     return name
 
 
@@ -146,12 +288,11 @@ def load_model(
 ) -> CausalLM:
     """Load a model directory on a backend, with a KV cache of `max_seq_len` positions.
 
-    `max_seq_len` defaults to the model's max_position_embeddings capped at 8192, so that a
-    128K-context model does not reserve a 128K cache unless asked. `dtype` defaults to the
-    backend's natural choice (bfloat16 on a GPU, float32 on a CPU).
+    `max_seq_len` defaults to the model's max_position_embeddings capped at 8192. `dtype` defaults
+    to the backend's natural choice (bfloat16 on a GPU, float32 on a CPU).
     """
     name = resolve_backend(backend)
     config = ModelConfig.from_model_dir(model_dir)
     module = importlib.import_module(BACKENDS[name][0])
-    capacity = default_capacity(config, max_seq_len)
-    return module.load_model(Path(model_dir), config, device=name, max_seq_len=capacity, dtype=dtype)
+    return module.load_model(Path(model_dir), config, device=name, max_seq_len=default_capacity(config, max_seq_len),
+                             dtype=dtype)

@@ -9,12 +9,13 @@ A missing, partial or corrupt part fails with a clear error and nothing is cache
 from __future__ import annotations
 
 import hashlib
-import importlib
-import shutil
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from sts_edge.conversion import convert
 from sts_edge.errors import ModelLoadError
+from sts_edge.paths import cache_root
 
 INSTALL_HINT = 'pip install -e ".[demo]" from the sts-edge checkout'
 
@@ -40,21 +41,20 @@ DEFAULT_TARGET, DEFAULT_DRAFT = "qwen-coder-1.5b", "qwen-coder-0.5b"
 
 
 def demo_cache() -> Path:
-    from sts_edge.calibrate import cache_dir
-
-    return cache_dir().parent / "demo"
+    return cache_root() / "demo"
 
 
 def part_paths(model: DemoModel) -> list[Path]:
-    """The installed parts, in order; a clear error names the first one missing."""
+    """The installed parts, in order, found from each package's location without importing it; a
+    clear error names the first one missing."""
     paths = []
     for i in range(1, model.parts + 1):
         module_name = model.part_module.format(i)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            raise ModelLoadError(f"the demo model {model.name} needs the package {module_name}: {INSTALL_HINT}") from None
-        paths.append(Path(module.get_part_path()))
+        spec = importlib.util.find_spec(module_name)
+        parts = sorted(Path(spec.origin).parent.glob("data/*.bin")) if spec is not None and spec.origin else []
+        if len(parts) != 1:
+            raise ModelLoadError(f"the demo model {model.name} needs the package {module_name}: {INSTALL_HINT}")
+        paths.append(parts[0])
     return paths
 
 
@@ -87,8 +87,6 @@ def assemble(model: DemoModel, destination: Path) -> Path:
 
 def demo_model_dir(alias: str) -> Path:
     """The converted model directory of a demo alias, assembling and converting it on first use."""
-    from sts_edge.convert import convert
-
     model = DEMO_MODELS[alias]
     target = demo_cache() / model.name
     if (target / "config.json").is_file():

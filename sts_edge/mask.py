@@ -1,17 +1,24 @@
 """The mask policy: which context tokens each target layer and head reads while verifying.
 
-Everything here is numpy and backend-agnostic. A backend asks, layer by layer, for the index sets
-of the verification block (`VerificationMask.sets_for`); policies that need the target's own
-queries and keys (oracle, quest) get them through that call, the others ignore them.
+A policy is data (MaskPolicy, and for sts a LayerHeadMap from draft to target layers and heads,
+bundled as a VerificationPlan) that the core hands to a backend; the backend selects the sets on
+its own device. Everything here is numpy: the policy's settings and checks, and the reference of
+the selection contract that every backend's selection is tested against.
 
-Every set is the union of `sink` tokens at the start, a `window` of the most recent tokens, and
-the `budget` best-scoring tokens in between; it is sorted, unique and inside the committed
-context. When budget + sink + window covers the context, the layer runs dense.
+The contract. For a verification block after `context` committed tokens, target layer `layer`
+runs dense when `policy.is_dense_at(context)` or the layer is one of `dense_layers`; otherwise each
+unit (a KV head, or a query head at "query" granularity) reads a sorted, unique set of
+`policy.kept_tokens(context)` positions: the first `sink`, the last `window`, and the
+`budget_tokens(context)` best-scoring positions in between, plus the block itself, causally. The
+score is, by policy: sts, the draft's attention (its running [layers, units, capacity] buffer,
+through the map); streaming, recency; oracle, the block's own dense attention mass; quest, a
+per-16-token-page upper bound of q.k from the page's key minima and maxima. `reference_sets` is
+the contract written out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -80,6 +87,13 @@ class MaskPolicy:
     def is_dense_at(self, context: int) -> bool:
         return self.name == "dense" or self.kept_tokens(context) >= context
 
+    def rows_read(self, context: int, layers: int) -> tuple[int, int]:
+        """(context rows a verification pass reads over all layers, what dense attention reads)."""
+        if self.is_dense_at(context):
+            return layers * context, layers * context
+        dense = sum(1 for layer in range(layers) if layer in self.dense_layers)
+        return dense * context + (layers - dense) * self.kept_tokens(context), layers * context
+
 
 def select_indices(scores: np.ndarray, keep: int, sink: int, window: int) -> np.ndarray:
     """Sorted indices [units, keep] of the top `keep - sink - window` scores plus sink and window.
@@ -101,24 +115,16 @@ def select_indices(scores: np.ndarray, keep: int, sink: int, window: int) -> np.
 
 
 def group_attention(q: np.ndarray, keys: np.ndarray, context: int, granularity: str) -> np.ndarray:
-    """Dense attention probabilities of the verification block over the context, summed per unit.
+    """Dense attention mass of the verification block over the context, summed per unit.
 
-    q: [heads, n, head_dim] (the block's queries, rotated); keys: [kv_heads, context + n, head_dim].
+    q: [heads, n, head_dim] (the block's queries, rotated); keys: [kv_heads, >= context + n, head_dim].
     Returns [units, context]: the attention mass each context position receives, summed over
     the block's queries (and over the query heads of a group at "kv" granularity). The block
     attends to itself causally, which enters the softmax normaliser.
     """
-    heads, n, head_dim = q.shape
+    mass = attention_probabilities(q, keys, context)[..., :context].sum(axis=1)  # [heads, context]
     kv_heads = keys.shape[0]
-    group = heads // kv_heads
-    qg = q.reshape(kv_heads, group, n, head_dim).astype(np.float64)
-    logits = np.einsum("kgnd,kld->kgnl", qg, keys.astype(np.float64)) / np.sqrt(head_dim)
-    causal = np.arange(context + n)[None, :] <= (context + np.arange(n))[:, None]
-    logits = np.where(causal, logits, -np.inf)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    mass = probs[..., :context].sum(axis=2)  # [kv, group, context]
-    return mass.sum(axis=1) if granularity == "kv" else mass.reshape(heads, context)
+    return mass.reshape(kv_heads, -1, context).sum(axis=1) if granularity == "kv" else mass
 
 
 def quest_scores(q: np.ndarray, keys: np.ndarray, context: int, granularity: str, page_size: int) -> np.ndarray:
@@ -164,96 +170,71 @@ class LayerHeadMap:
         head_map = np.broadcast_to(np.arange(t_units) * d_units // t_units, (target.num_hidden_layers, t_units))
         return cls(layer_map.astype(np.int64), head_map.astype(np.int64).copy())
 
-    def layer_sets(self, draft_sets, layer: int):
-        """Target `layer`'s sets from device sets of every draft layer [draft_layers, draft_units,
-        keep]: its draft layer's, one per target unit by the head map (views, no host copies, so
-        a CUDA graph can capture it)."""
-        import torch
-
-        sets = draft_sets[int(self.layer_map[layer])]
-        heads = self.head_map[layer]
-        if np.array_equal(heads, np.arange(sets.shape[0])):
-            return sets
-        return torch.stack([sets[int(h)] for h in heads])
-
 
 def units(config: ModelConfig, granularity: str) -> int:
     return config.num_key_value_heads if granularity == "kv" else config.num_attention_heads
 
 
-@dataclass
-class VerificationMask:
-    """The sets one verification pass uses, produced layer by layer on request of the backend.
-
-    `draft_scores` [draft_layers, draft_units, >= context] comes from the draft's round (sts
-    only; columns from `context` on are ignored): numpy, or a backend's device tensor, in which
-    case the sets of every layer are selected there at the first request, in one batch
-    (sts_edge.triton_kernels.selection), and returned as device tensors. The backend calls
-    `sets_for(layer, q, keys)`; `needs_queries` tells it whether q and keys (numpy) are needed or
-    None can be passed.
-    """
+@dataclass(frozen=True)
+class VerificationPlan:
+    """A mask policy bound to a model pair, handed to the target's backend for a whole generation:
+    the policy, and for sts the map from draft to target layers and heads."""
 
     policy: MaskPolicy
-    context: int  # committed tokens the sets index into; the verification block follows them
-    target_units: int  # sets per layer: the target's KV heads or query heads, by granularity
     mapping: LayerHeadMap | None = None
-    draft_scores: np.ndarray | None = None
-    _device_sets: object = field(default=None, init=False, repr=False)  # [draft_layers, units, keep] on device
-    kept_rows: int = field(default=0, init=False)  # context rows read over all layers (for sparsity stats)
-    dense_rows: int = field(default=0, init=False)
 
-    @property
-    def needs_queries(self) -> bool:
-        return self.policy.name in ("oracle", "quest") and not self.policy.is_dense_at(self.context)
+    def __post_init__(self) -> None:
+        if self.policy.name == "sts" and self.mapping is None:
+            raise ValueError("the sts policy needs a LayerHeadMap from draft to target layers and heads")
 
-    def count(self, layer: int) -> bool:
-        """Count this layer's context rows into the sparsity stats; False when it runs dense."""
-        policy, context = self.policy, self.context
-        self.dense_rows += context
-        if policy.is_dense_at(context) or layer in policy.dense_layers:
-            self.kept_rows += context
-            return False
-        self.kept_rows += policy.kept_tokens(context)
-        return True
+    def needs_draft_scores(self, context: int) -> bool:
+        """Whether a round verifying after `context` tokens selects from the draft's scores."""
+        return self.policy.name == "sts" and not self.policy.is_dense_at(context)
 
-    def sets_for(self, layer: int, q: np.ndarray | None = None, keys: np.ndarray | None = None) -> np.ndarray | None:
-        """Sorted index sets [units, kept] for this target layer, or None to run it dense."""
-        if not self.count(layer):
-            return None
-        policy, context = self.policy, self.context
-        keep = policy.kept_tokens(context)
-        if policy.name == "sts" and not isinstance(self.draft_scores, np.ndarray):
-            return self._select_on_device(layer)
-        if policy.name == "sts":
-            draft_layer = self.mapping.layer_map[layer]
-            scores = self.draft_scores[draft_layer][self.mapping.head_map[layer], :context]
-        elif policy.name == "streaming":
-            # Recency as the score: the budget extends the local window.
-            scores = np.broadcast_to(np.arange(context, dtype=np.float64), (self.target_units, context))
-        elif policy.name == "oracle":
-            scores = group_attention(q, keys, context, policy.granularity)
-        else:  # quest
-            scores = quest_scores(q, keys, context, policy.granularity, policy.page_size)
-        return select_indices(scores, keep, policy.sink, policy.window)
+    def layer_is_dense(self, layer: int, context: int) -> bool:
+        return self.policy.is_dense_at(context) or layer in self.policy.dense_layers
 
-    def _select_on_device(self, layer: int):
-        """Sets for `layer` from device scores. The first call selects the top-B of every draft
-        layer and head in one batch; each target layer then takes its mapped draft layer's sets.
-        Only device operations (no host-to-device copies), so a CUDA graph can capture it."""
-        return self.mapping.layer_sets(self.device_sets(), layer)
 
-    def device_sets(self):
-        """The sets [draft_layers, draft_units, keep] of every draft layer and head, selected on the
-        device on first use from device scores (sts only)."""
-        if self._device_sets is None:
-            from sts_edge.triton_kernels.selection import select_sets
+def attention_probabilities(q: np.ndarray, keys: np.ndarray, context: int) -> np.ndarray:
+    """Causal softmax of the block's queries over the context and the block: [heads, n, context + n].
 
-            policy, context = self.policy, self.context
-            self._device_sets = select_sets(self.draft_scores, context, policy.budget_tokens(context), policy.sink,
-                                            policy.window)
-        return self._device_sets
+    q: [heads, n, head_dim] at positions context..context+n (rotated); keys: [kv_heads, >= context + n,
+    head_dim]. Float64, for references and measurements."""
+    heads, n, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    qg = q.reshape(kv_heads, heads // kv_heads, n, head_dim).astype(np.float64)
+    logits = np.einsum("kgnd,kld->kgnl", qg, keys[:, : context + n].astype(np.float64)) / np.sqrt(head_dim)
+    causal = np.arange(context + n)[None, :] <= (context + np.arange(n))[:, None]
+    logits = np.where(causal, logits, -np.inf)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (probs / probs.sum(axis=-1, keepdims=True)).reshape(heads, n, context + n)
 
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.kept_rows / self.dense_rows if self.dense_rows else 0.0
 
+def draft_scores(q: np.ndarray, keys: np.ndarray, context: int, granularity: str, aggregation: str) -> np.ndarray:
+    """What one draft forward folds into its running scores: [units, context + n], the max (or sum)
+    of its queries' attention probabilities, over each group's query heads at "kv" granularity."""
+    probs = attention_probabilities(q, keys, context)
+    heads, n, length = probs.shape
+    kv_heads = keys.shape[0]
+    pooled = probs.reshape(kv_heads, heads // kv_heads * n, length) if granularity == "kv" else probs
+    return pooled.max(axis=1) if aggregation == "max" else pooled.sum(axis=1)
+
+
+def reference_sets(plan: VerificationPlan, layer: int, context: int, units: int, q: np.ndarray | None = None,
+                   keys: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray | None:
+    """The contract: sorted index sets [units, kept] of target `layer` for a block after `context`
+    tokens, or None where the layer runs dense. sts needs the draft's `scores` [draft_layers,
+    draft_units, >= context]; oracle and quest the block's queries and keys (as in
+    attention_probabilities)."""
+    policy = plan.policy
+    if plan.layer_is_dense(layer, context):
+        return None
+    if policy.name == "sts":
+        per_unit = scores[plan.mapping.layer_map[layer]][plan.mapping.head_map[layer], :context]
+    elif policy.name == "streaming":  # recency as the score: the budget extends the local window
+        per_unit = np.broadcast_to(np.arange(context, dtype=np.float64), (units, context))
+    elif policy.name == "oracle":
+        per_unit = group_attention(q, keys, context, policy.granularity)
+    else:  # quest
+        per_unit = quest_scores(q, keys, context, policy.granularity, policy.page_size)
+    return select_indices(per_unit, policy.kept_tokens(context), policy.sink, policy.window)

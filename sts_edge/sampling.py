@@ -1,7 +1,7 @@
 """Turning logits into tokens: temperature, top-k, top-p, seeded randomness.
 
-Works on numpy rows so that one implementation serves every backend and the speculative
-acceptance rule sees exactly the distributions that plain sampling would draw from.
+The settings, and the numpy reference of the transform from logits to distributions that each
+backend implements on its device (tests compare them); `sample` draws from one row on the host.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class SamplingParams:
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
+
+
+GREEDY = SamplingParams()
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from sts_edge.backend import CausalLM
+from sts_edge.backend import CausalLM, Distributions, ScoreSpec
 from sts_edge.errors import ContextLengthError
-from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationMask, units
-from sts_edge.sampling import SamplingParams, probabilities, sample
+from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationPlan
+from sts_edge.sampling import SamplingParams, sample
 
-PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
 # Draft tokens per round: a verification block of gamma + 1 queries must fit the GPU kernels'
 # query tile (triton_kernels.verify_attention.MAX_QUERIES), so every gamma takes the fast path.
 MAX_GAMMA = 15
@@ -129,15 +128,6 @@ def check_fits(model: CausalLM, prompt_len: int, lookahead: int) -> None:
         )
 
 
-def prefill(model: CausalLM, tokens: Sequence[int]) -> np.ndarray:
-    """Run a prompt through a model in chunks; return the last position's logits [1, vocab]."""
-    logits = None
-    for start in range(0, len(tokens), PREFILL_CHUNK):
-        logits = model.forward(tokens[start : start + PREFILL_CHUNK])
-    assert logits is not None, "prefill of an empty prompt"
-    return logits
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -155,34 +145,42 @@ def residual_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return residual / total if total > 0 else p
 
 
+def pick(distributions: Distributions, index: int, params: SamplingParams, rng: np.random.Generator) -> int:
+    """A token from one row: its argmax when greedy, else a draw (the row comes to the host)."""
+    return distributions.argmax()[index] if params.greedy else sample(distributions.row(index), rng)
+
+
 def accept_drafts(
     draft_tokens: Sequence[int],
-    draft_probs: np.ndarray,
-    target_probs: np.ndarray,
+    draft_probs: Distributions,
+    target_probs: Distributions,
+    params: SamplingParams,
     rng: np.random.Generator,
 ) -> tuple[int, int]:
     """The lossless acceptance rule. Returns (accepted draft count, the target's next token).
 
-    draft_probs: [gamma, vocab] distributions the drafts were sampled from;
-    target_probs: [gamma + 1, vocab] target distributions at the same positions plus one.
+    draft_probs: the gamma distributions the drafts were drawn from; target_probs: the target's
+    gamma + 1 distributions at the same positions plus one. At temperature 0 both are one-hot, so
+    the rule is exact match against the target's argmax, and only the argmax crosses to the host.
     """
-    for i, token in enumerate(draft_tokens):
-        p, q = target_probs[i, token], draft_probs[i, token]
-        if q <= 0 or rng.random() * q >= p:  # reject with probability 1 - min(1, p/q)
-            return i, sample(residual_distribution(target_probs[i], draft_probs[i]), rng)
-    return len(draft_tokens), sample(target_probs[-1], rng)
+    if params.greedy:
+        best = target_probs.argmax()
+        for i, token in enumerate(draft_tokens):
+            if best[i] != token:
+                return i, best[i]
+        return len(draft_tokens), best[len(draft_tokens)]
+    p, q = target_probs.probs_of(draft_tokens), draft_probs.probs_of(draft_tokens)
+    for i in range(len(draft_tokens)):
+        if q[i] <= 0 or rng.random() * q[i] >= p[i]:  # reject with probability 1 - min(1, p/q)
+            target_row, draft_row = target_probs.row(i), draft_probs.row(i)
+            # The draft's distribution covers the vocabulary both models share; the rest is 0 in q.
+            draft_row = np.pad(draft_row, (0, len(target_row) - len(draft_row)))
+            return i, sample(residual_distribution(target_row, draft_row), rng)
+    return len(draft_tokens), sample(target_probs.row(len(draft_tokens)), rng)
 
 
 def _common_vocab(target: CausalLM, draft: CausalLM) -> int:
     return min(target.config.vocab_size, draft.config.vocab_size)
-
-
-def _draft_probs(logits: np.ndarray, vocab: int, target_vocab: int, params: SamplingParams) -> np.ndarray:
-    """Draft distributions over the target's vocabulary (rows padded for ids the draft lacks)."""
-    probs = probabilities(logits[:, :vocab], params)
-    if vocab < target_vocab:
-        probs = np.pad(probs, ((0, 0), (0, target_vocab - vocab)))
-    return probs
 
 
 def generate_tokens(
@@ -226,12 +224,13 @@ def generate_tokens(
             raise ValueError("the sts policy takes its token sets from the draft's attention; give a draft model")
         if policy.name == "sts" and mapping is None:
             mapping = LayerHeadMap.proportional(target.config, draft.config, policy.granularity)
-    sparse = Sparsity(policy, mapping) if policy is not None else None
+    plan = VerificationPlan(policy, mapping if policy is not None and policy.name == "sts" else None) \
+        if policy is not None else None
     lookahead = gamma + 1
     models = (target, draft) if draft is not None else (target,)
     for model in models:
         check_fits(model, len(prompt), lookahead)
-    # Keep the cached prefix the prompt shares, but prefill at least one token for its logits.
+    # Keep the cached prefix the prompt shares, but prefill at least one token for its distribution.
     keep = min(_common_prefix(cache_tokens, prompt), len(prompt) - 1) if cache_tokens else 0
     for model in models:
         model.rollback(min(model.length, keep))
@@ -247,11 +246,11 @@ def generate_tokens(
     sequence = list(prompt)
     if cache_tokens is not None:
         cache_tokens[:] = sequence[:keep]  # what the caches are known to hold if we stop early
-    logits = prefill(target, prompt[target.length :])
+    first = target.prefill(prompt[target.length :], params)
     if draft is not None:
-        prefill(draft, prompt[draft.length :])
+        draft.prefill(prompt[draft.length :])
+    sequence.append(pick(first, 0, params, rng))
     stats.prompt_seconds = time.perf_counter() - start
-    sequence.append(sample(probabilities(logits, params)[0], rng))
     if cache_tokens is not None:
         cache_tokens[:] = sequence
         sequence = cache_tokens  # one list: the caches' record follows every committed token
@@ -277,12 +276,11 @@ def generate_tokens(
             return
         if draft is None:
             t0 = time.perf_counter()
-            logits = _verify(target, sequence[target.length :], sparse.mask(target, None) if sparse else None, stats)
+            new_tokens = [pick(_verify(target, sequence[target.length :], params, plan, None, stats), 0, params, rng)]
             stats.target_seconds += time.perf_counter() - t0
             stats.target_tokens += 1
-            new_tokens = [sample(probabilities(logits, params)[0], rng)]
         else:
-            new_tokens = _speculative_round(target, draft, sequence, params, gamma, rng, stats, accept, sparse)
+            new_tokens = _speculative_round(target, draft, sequence, params, gamma, rng, stats, accept, plan)
         stats.rounds += 1
         for token in new_tokens:
             sequence.append(token)
@@ -300,28 +298,19 @@ def _speculative_round(
     rng: np.random.Generator,
     stats: GenerationStats,
     accept: Callable[..., tuple[int, int]],
-    sparse: "Sparsity | None",
+    plan: VerificationPlan | None,
 ) -> list[int]:
     """One draft-then-verify round; returns the tokens it commits (1 to gamma + 1)."""
-    vocab, target_vocab = _common_vocab(target, draft), target.config.vocab_size
     committed = len(sequence)
 
     t0 = time.perf_counter()
-    collect = sparse is not None and sparse.needs_draft_scores(target.length)
-    if collect:
-        draft.start_scores(sparse.policy.granularity, sparse.policy.aggregation)
-    drafts: list[int] = []
-    draft_probs = np.empty((gamma, target_vocab))
-    pending = sequence[draft.length :]  # the draft's 1-2 catch-up tokens, then its own proposals
-    for i in range(gamma):
-        draft_probs[i] = _draft_probs(draft.forward(pending), vocab, target_vocab, params)[0]
-        drafts.append(sample(draft_probs[i], rng))
-        pending = drafts[-1:]
-    mask = sparse.mask(target, draft.read_scores(target.length, on_device=True) if collect else None) if sparse else None
+    collect = plan is not None and plan.needs_draft_scores(target.length)
+    spec = ScoreSpec(plan.policy.granularity, plan.policy.aggregation) if collect else None
+    # The draft's 1-2 catch-up tokens, then its own proposals, drawn over the vocabulary both share.
+    proposal = draft.draft(sequence[draft.length :], gamma, params, rng, vocab=_common_vocab(target, draft), scores=spec)
     t1 = time.perf_counter()
-    target_logits = _verify(target, sequence[target.length :] + drafts, mask, stats)
-    target_probs = probabilities(target_logits, params)
-    accepted, next_token = accept(drafts, draft_probs, target_probs, rng)
+    target_probs = _verify(target, sequence[target.length :] + proposal.tokens, params, plan, proposal.scores, stats)
+    accepted, next_token = accept(proposal.tokens, proposal.probs, target_probs, params, rng)
     t2 = time.perf_counter()
 
     # The target's cache now ends with the last accepted draft; the draft's cache holds at most
@@ -334,29 +323,14 @@ def _speculative_round(
     stats.target_tokens += gamma + 1
     stats.target_seconds += t2 - t1
     stats.accepted_histogram[accepted] += 1
-    return drafts[:accepted] + [next_token]
+    return proposal.tokens[:accepted] + [next_token]
 
 
-@dataclass
-class Sparsity:
-    """A mask policy bound to a model pair: makes each verification pass's VerificationMask."""
-
-    policy: MaskPolicy
-    mapping: LayerHeadMap | None
-
-    def needs_draft_scores(self, context: int) -> bool:
-        return self.policy.name == "sts" and not self.policy.is_dense_at(context)
-
-    def mask(self, target: CausalLM, draft_scores: "np.ndarray | Any | None") -> VerificationMask:
-        units_per_layer = units(target.config, self.policy.granularity)
-        return VerificationMask(self.policy, target.length, units_per_layer, self.mapping, draft_scores)
-
-
-def _verify(target: CausalLM, block: list[int], mask: VerificationMask | None, stats: GenerationStats) -> np.ndarray:
-    """The target's logits for every position of `block`, reading what the mask allows."""
-    if mask is None:
-        return target.forward(block, all_logits=True)
-    logits = target.forward(block, all_logits=True, mask=mask)
-    stats.kept_rows += mask.kept_rows
-    stats.dense_rows += mask.dense_rows
-    return logits
+def _verify(target: CausalLM, block: list[int], params: SamplingParams, plan: VerificationPlan | None,
+            draft_scores, stats: GenerationStats) -> Distributions:
+    """The target's distributions at every position of `block`, reading what the plan selects."""
+    if plan is not None:
+        kept, dense = plan.policy.rows_read(target.length, target.config.num_hidden_layers)
+        stats.kept_rows += kept
+        stats.dense_rows += dense
+    return target.verify(block, params, plan, draft_scores)

@@ -14,14 +14,6 @@ BACKENDS = ["torch-cpu", "mlx"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does the lighthouse stand?"}]
 
 
-def test_core_imports_neither_torch_nor_mlx():
-    code = (
-        "import sys, sts_edge, sts_edge.api, sts_edge.speculative, sts_edge.backend, sts_edge.generate;"
-        "bad = [m for m in ('torch', 'mlx') if m in sys.modules]; assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 @pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3", "mistral", "smollm2"])
 def test_config_reads_what_transformers_reads(arch, model_dirs, hf_model):
     config = ModelConfig.from_model_dir(model_dirs[arch])
@@ -72,7 +64,7 @@ def test_generate_and_stream_through_the_api(backend, model_dirs, draft_dir):
     with_draft = engine.generate(MESSAGES, max_tokens=16, gamma=3)
     without = engine.generate(MESSAGES, max_tokens=16, use_draft=False)
     assert with_draft.tokens == without.tokens
-    assert with_draft.stats.rounds < 16 or with_draft.stats.draft_tokens > 0
+    assert with_draft.stats.rounds > 0 and with_draft.stats.draft_tokens == 3 * with_draft.stats.rounds  # it drafted
     assert "".join(engine.stream(MESSAGES, max_tokens=16, gamma=3)) == with_draft.text
     sampled = [engine.generate("The old lighthouse", max_tokens=12, temperature=0.8, seed=5).tokens for _ in range(2)]
     assert sampled[0] == sampled[1]  # same seed, same tokens

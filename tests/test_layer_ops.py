@@ -140,7 +140,7 @@ def test_kernel_path_matches_plain_path_for_biases_and_qk_norm(make_model, kind)
 
     model_dir = make_model(kind, head_dim=64, num_hidden_layers=2)
     target = load(model_dir, backend="torch-cpu", max_seq_len=64, dtype="float16").target
-    target.forward(list(range(3, 40)))
+    target.prefill(list(range(3, 40)))
     ids = torch.tensor([5, 6, 7])
     with torch.inference_mode():
         want = target.model(ids, 37, True)

@@ -31,7 +31,7 @@ def test_prefill_and_cached_decode_match_transformers(arch, backend, model_dirs,
     ids = prompt_ids(hf.config.vocab_size, 60)
     expected = reference_logits(hf, ids)
     model = load_model(model_dirs[arch], backend, max_seq_len=128)
-    got = [model.forward(ids[:40], all_logits=True)] + [model.forward([t]) for t in ids[40:]]
+    got = [model.verify(ids[:40]).logits()] + [model.prefill([t]).logits() for t in ids[40:]]
     np.testing.assert_allclose(np.concatenate(got), expected, atol=2e-4, rtol=1e-4)
     assert model.length == 60
 
@@ -42,8 +42,8 @@ def test_llama3_rope_scaling_at_long_positions(backend, model_dirs, hf_model):
     ids = prompt_ids(hf.config.vocab_size, 300, seed=1)
     expected = reference_logits(hf, ids)
     model = load_model(model_dirs["llama3"], backend, max_seq_len=512)
-    got = [model.forward(ids[:290], all_logits=True)] + [model.forward(ids[290:295], all_logits=True)]
-    got += [model.forward([t]) for t in ids[295:]]
+    got = [model.verify(ids[:290]).logits()] + [model.verify(ids[290:295]).logits()]
+    got += [model.prefill([t]).logits() for t in ids[295:]]
     np.testing.assert_allclose(np.concatenate(got), expected, atol=3e-4, rtol=1e-4)
 
 
@@ -51,9 +51,9 @@ def test_llama3_rope_scaling_at_long_positions(backend, model_dirs, hf_model):
 def test_last_only_logits_equal_the_last_row(backend, model_dirs):
     model = load_model(model_dirs["qwen2"], backend, max_seq_len=64)
     ids = prompt_ids(model.config.vocab_size, 12)
-    all_rows = model.forward(ids, all_logits=True)
+    all_rows = model.verify(ids).logits()
     model.rollback(0)
-    last = model.forward(ids)
+    last = model.prefill(ids).logits()
     assert last.shape == (1, model.config.vocab_size)
     np.testing.assert_allclose(last[0], all_rows[-1], atol=1e-5)
 
@@ -68,7 +68,7 @@ def test_mlx_matches_mlx_lm(arch, model_dirs):
     ids = prompt_ids(336, 30, seed=2)
     expected = np.array(reference(mx.array([ids]))[0].astype(mx.float32))
     model = load_model(model_dirs[arch], "mlx", max_seq_len=64)
-    got = np.concatenate([model.forward(ids[:20], all_logits=True)] + [model.forward([t]) for t in ids[20:]])
+    got = np.concatenate([model.verify(ids[:20]).logits()] + [model.prefill([t]).logits() for t in ids[20:]])
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
 
 
@@ -78,6 +78,6 @@ def test_bfloat16_stays_close_to_float32(backend, model_dirs, hf_model):
     ids = prompt_ids(hf.config.vocab_size, 24)
     expected = reference_logits(hf, ids)
     model = load_model(model_dirs["llama3"], backend, max_seq_len=64, dtype="bfloat16")
-    got = np.concatenate([model.forward(ids[:16], all_logits=True)] + [model.forward([t]) for t in ids[16:]])
+    got = np.concatenate([model.verify(ids[:16]).logits()] + [model.prefill([t]).logits() for t in ids[16:]])
     # bfloat16 keeps 8 bits of mantissa; logits here have a spread of about 1.
     np.testing.assert_allclose(got, expected, atol=0.15)

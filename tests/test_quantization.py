@@ -43,7 +43,7 @@ def test_quantized_checkpoints_match_mlx_lm(backend, quantized_dir):
     ids = np.random.default_rng(0).integers(0, 320, 30).tolist()
     expected = np.array(reference(mx.array([ids]))[0].astype(mx.float32))
     model = load_model(quantized_dir, backend, max_seq_len=64)
-    got = np.concatenate([model.forward(ids[:20], all_logits=True)] + [model.forward([t]) for t in ids[20:]])
+    got = np.concatenate([model.verify(ids[:20]).logits()] + [model.prefill([t]).logits() for t in ids[20:]])
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
 
 

@@ -5,8 +5,18 @@ import pytest
 from scipy.stats import chisquare
 
 from sts_edge import speculative
-from sts_edge.sampling import SamplingParams, probabilities, sample
+from sts_edge.sampling import GREEDY, SamplingParams, probabilities, sample
 from sts_edge.speculative import accept_drafts, residual_distribution
+
+from fixtures.numpy_backend import ArrayDistributions
+
+SAMPLED = SamplingParams(temperature=1.0)
+
+
+def as_distributions(probs: np.ndarray) -> ArrayDistributions:
+    """Distributions whose probabilities are exactly `probs` (softmax of their logs)."""
+    with np.errstate(divide="ignore"):
+        return ArrayDistributions(np.log(probs), SAMPLED)
 
 
 def test_greedy_is_one_hot_argmax():
@@ -50,9 +60,10 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
 def _first_token_counts(p, q, n, rng, accept=accept_drafts):
     """The first committed token of many speculative rounds with fixed (context-free) p and q."""
     counts = np.zeros(p.shape[1], dtype=int)
+    q_dist, p_dist = as_distributions(q), as_distributions(p)
     for _ in range(n):
         drafts = [sample(row, rng) for row in q]
-        accepted, next_token = accept(drafts, q, p, rng)
+        accepted, next_token = accept(drafts, q_dist, p_dist, SAMPLED, rng)
         counts[drafts[0] if accepted else next_token] += 1
     return counts
 
@@ -88,9 +99,23 @@ def test_residual_is_normalised_positive_part():
 
 
 def test_greedy_acceptance_is_exact_match():
-    p = probabilities(np.array([[0, 5.0, 0], [4.0, 0, 0], [0, 0, 1.0]]), SamplingParams())
-    q = probabilities(np.array([[0, 5.0, 0], [0, 3.0, 0]]), SamplingParams())
+    p = ArrayDistributions(np.array([[0, 5.0, 0], [4.0, 0, 0], [0, 0, 1.0]]), GREEDY)
+    q = ArrayDistributions(np.array([[0, 5.0, 0], [0, 3.0, 0]]), GREEDY)
     rng = np.random.default_rng(0)
-    assert accept_drafts([1, 1], q, p, rng) == (1, 0)  # second draft disagrees: target's argmax 0
-    q_all = probabilities(np.array([[0, 5.0, 0], [4.0, 0, 0]]), SamplingParams())
-    assert accept_drafts([1, 0], q_all, p, rng) == (2, 2)  # all accepted: bonus is argmax of row 3
+    assert accept_drafts([1, 1], q, p, GREEDY, rng) == (1, 0)  # second draft disagrees: target's argmax 0
+    q_all = ArrayDistributions(np.array([[0, 5.0, 0], [4.0, 0, 0]]), GREEDY)
+    assert accept_drafts([1, 0], q_all, p, GREEDY, rng) == (2, 2)  # all accepted: bonus is argmax of row 3
+
+
+def test_the_general_rule_at_one_hot_distributions_is_the_greedy_rule():
+    """At temperature 0 the loop takes a shortcut (argmax only); the general rule on the same one-hot
+    distributions gives the same answer for every draft sequence."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        logits_p, logits_q = rng.normal(size=(4, 5)), rng.normal(size=(3, 5))
+        drafts = logits_q.argmax(axis=-1).tolist()  # what a greedy draft proposes
+        one_hot_p = as_distributions(probabilities(logits_p, GREEDY))
+        one_hot_q = as_distributions(probabilities(logits_q, GREEDY))
+        general = accept_drafts(drafts, one_hot_q, one_hot_p, SAMPLED, rng)
+        greedy = accept_drafts(drafts, ArrayDistributions(logits_q, GREEDY), ArrayDistributions(logits_p, GREEDY), GREEDY, rng)
+        assert general == greedy

@@ -77,7 +77,7 @@ TINY_VOCAB = 8
 @pytest.fixture(scope="module")
 def tiny_vocab_pair(tmp_path_factory):
     """Target and draft with an 8-token vocabulary (no tokenizer needed: the loop runs on ids)."""
-    from conftest import build_random_model
+    from fixtures.models import build_random_model
 
     dirs = []
     for name, seed in (("target", 10), ("draft", 11)):
@@ -90,7 +90,7 @@ def tiny_vocab_pair(tmp_path_factory):
 
 def exact_two_token_distribution(target_dir, prompt, params):
     """P(t1, t2 | prompt) of the target's own sampling, from transformers logits."""
-    from conftest import load_hf_model
+    from fixtures.models import load_hf_model
 
     hf = load_hf_model(target_dir)
     with torch.no_grad():
@@ -120,11 +120,11 @@ def chi_square_pvalue(counts, probs):
     return chisquare(observed[keep], expected[keep]).pvalue
 
 
-def always_accept(draft_tokens, draft_probs, target_probs, rng):
+def always_accept(draft_tokens, draft_probs, target_probs, params, rng):
     """A deliberately wrong rule: take every draft, as if p always equalled q."""
     from sts_edge.sampling import sample
 
-    return len(draft_tokens), sample(target_probs[-1], rng)
+    return len(draft_tokens), sample(target_probs.row(len(draft_tokens)), rng)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,12 +158,12 @@ def test_rollback_leaves_exactly_the_accepted_prefix(backend, model_dirs, draft_
     committed = prompt + tokens
     assert target.length <= len(committed)
     # Continue from the caches as they are: run the rest of the committed text, then one more step.
-    cached = target.forward(committed[target.length :])
-    fresh = load_model(model_dirs["qwen3"], backend, max_seq_len=128).forward(committed)
+    cached = target.prefill(committed[target.length :]).logits()
+    fresh = load_model(model_dirs["qwen3"], backend, max_seq_len=128).prefill(committed).logits()
     np.testing.assert_allclose(cached, fresh, atol=1e-4)
     # The same for the draft, whose cache lags the target's.
-    cached = draft.forward(committed[draft.length :])
-    fresh = load_model(draft_dir, backend, max_seq_len=128).forward(committed)
+    cached = draft.prefill(committed[draft.length :]).logits()
+    fresh = load_model(draft_dir, backend, max_seq_len=128).prefill(committed).logits()
     np.testing.assert_allclose(cached, fresh, atol=1e-4)
 
 
@@ -171,11 +171,11 @@ def test_rollback_leaves_exactly_the_accepted_prefix(backend, model_dirs, draft_
 def test_rollback_after_writing_past_it(backend, model_dirs):
     model = load_model(model_dirs["llama3"], backend, max_seq_len=64)
     ids = list(range(20))
-    model.forward(ids[:10])
-    model.forward([300, 301, 302, 303])  # a rejected block
+    model.prefill(ids[:10])
+    model.verify([300, 301, 302, 303])  # a rejected block
     model.rollback(10)
-    after_rollback = model.forward(ids[10:], all_logits=True)
-    fresh = load_model(model_dirs["llama3"], backend, max_seq_len=64).forward(ids, all_logits=True)[10:]
+    after_rollback = model.verify(ids[10:]).logits()
+    fresh = load_model(model_dirs["llama3"], backend, max_seq_len=64).verify(ids).logits()[10:]
     np.testing.assert_allclose(after_rollback, fresh, atol=1e-4)
     with pytest.raises(ValueError):
         model.rollback(21)

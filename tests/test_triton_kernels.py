@@ -18,8 +18,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 from sts_edge.mask import select_indices  # noqa: E402
 from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores  # noqa: E402
-from sts_edge.triton_kernels.selection import csr_offsets, select_sets, select_sets_at  # noqa: E402
-from sts_edge.triton_kernels.verify_attention import KernelInputError, split_attention  # noqa: E402
+from sts_edge.backends.torch.selection import csr_offsets, select_sets, select_sets_at  # noqa: E402
+from sts_edge.triton_kernels.verify_attention import IndexLists, KernelInputError, Launch, split_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative Frobenius error
@@ -84,7 +84,7 @@ def test_sparse_verification_matches_reference(heads, kv_heads, head_dim, n, dty
     flat = torch.tensor(np.concatenate(lists), dtype=torch.int32, device=DEVICE)
     offsets = torch.tensor(np.cumsum([0] + [len(x) for x in lists]), dtype=torch.int32, device=DEVICE)
     # Small splits so that lists cross several programs and some programs get nothing.
-    out = split_attention(q, k, v, start, flat, offsets, num_splits=5, block_n=16)
+    out = split_attention(q, k, v, start, IndexLists(flat, offsets), launch=Launch(num_splits=5, block_n=16))
     assert out.shape == q.shape and out.dtype == dtype
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, lists)) < TOLERANCE[dtype]
 
@@ -97,7 +97,7 @@ def test_every_gamma_from_1_to_8(gamma):
     lists = ragged_lists(2, start, rng)
     flat = torch.tensor(np.concatenate(lists), dtype=torch.int32, device=DEVICE)
     offsets = torch.tensor(np.cumsum([0] + [len(x) for x in lists]), dtype=torch.int32, device=DEVICE)
-    out = split_attention(q, k, v, start, flat, offsets, num_splits=2, block_n=16)
+    out = split_attention(q, k, v, start, IndexLists(flat, offsets), launch=Launch(num_splits=2, block_n=16))
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, lists)) < TOLERANCE[torch.float16]
 
 
@@ -105,7 +105,7 @@ def test_every_gamma_from_1_to_8(gamma):
 def test_dense_verification_matches_reference(heads, kv_heads, head_dim, n, dtype):
     start = 97
     q, k, v = make_inputs(heads, kv_heads, head_dim, n, start, dtype, seed=7 + n)
-    out = split_attention(q, k, v, start, num_splits=3, block_n=32)
+    out = split_attention(q, k, v, start, launch=Launch(num_splits=3, block_n=32))
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[dtype]
 
 
@@ -116,12 +116,12 @@ def test_query_tile_padded_past_the_packed_queries(dense):
     heads, kv_heads, n, start = 8, 2, 5, 150
     q, k, v = make_inputs(heads, kv_heads, 64, n, start, torch.bfloat16, seed=21)
     lists = None if dense else ragged_lists(kv_heads, start, np.random.default_rng(21))
-    flat, offsets = (None, None) if dense else _lists(lists)
-    out = split_attention(q, k, v, start, flat, offsets, num_splits=3, block_m=64, block_n=16)
+    index_lists = None if dense else IndexLists(*_lists(lists))
+    out = split_attention(q, k, v, start, index_lists, launch=Launch(num_splits=3, block_m=64, block_n=16))
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, lists)) < TOLERANCE[torch.bfloat16]
     for bad in (8, 48):  # fewer rows than the 4 x 5 packed queries; not a power of two
         with pytest.raises(KernelInputError, match="block_m"):
-            split_attention(q, k, v, start, flat, offsets, block_m=bad)
+            split_attention(q, k, v, start, index_lists, launch=Launch(block_m=bad))
 
 
 def test_merge_takes_more_splits_than_one_pass():
@@ -129,7 +129,7 @@ def test_merge_takes_more_splits_than_one_pass():
     start = 1100
     q, k, v = make_inputs(8, 2, 64, 3, start, torch.bfloat16, seed=11)
     k[:, 1000:1010] *= 4  # the largest logits sit in a late split, so the running max must move
-    out = split_attention(q, k, v, start, num_splits=70, block_n=16)
+    out = split_attention(q, k, v, start, launch=Launch(num_splits=70, block_n=16))
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[torch.bfloat16]
 
 
@@ -139,7 +139,7 @@ def test_device_side_start_reads_the_live_rows_with_a_larger_launch():
     start, n = 150, 3
     q, k, v = make_inputs(8, 2, 64, n, start, torch.bfloat16, seed=3)
     at = torch.tensor([start], dtype=torch.int32, device=DEVICE)
-    out = split_attention(q, k, v, at, bound=1000, num_splits=8, block_n=16)
+    out = split_attention(q, k, v, at, bound=1000, launch=Launch(num_splits=8, block_n=16))
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, None)) < TOLERANCE[torch.bfloat16]
 
 
@@ -237,7 +237,8 @@ def test_selected_sets_feed_the_kernel():
     heads, kv_heads, head_dim, n, start = 8, 2, 64, 5, 200
     q, k, v = make_inputs(heads, kv_heads, head_dim, n, start, torch.float16, seed=5)
     sets = select_sets(torch.rand(kv_heads, start, device=DEVICE), start, 30, sink=4, window=8)
-    out = split_attention(q, k, v, start, sets.flatten(), csr_offsets(kv_heads, sets.shape[1], q.device), sets.shape[1])
+    lists = IndexLists(sets.flatten(), csr_offsets(kv_heads, sets.shape[1], q.device), sets.shape[1])
+    out = split_attention(q, k, v, start, lists)
     lists = [s.cpu().numpy() for s in sets]
     assert rel_error(out, reference(q.cpu(), k.cpu(), v.cpu(), start, lists)) < TOLERANCE[torch.float16]
 
@@ -270,9 +271,16 @@ def test_invalid_inputs_raise_clear_errors(change, message):
     args = {"q": torch.zeros(4, 2, 64, dtype=torch.bfloat16), "k": torch.zeros(2, 40, 64, dtype=torch.bfloat16),
             "start": 30, "lists": _lists([[1, 2, 5], [0, 7]], device="cpu")}
     change(args)
-    indices, offsets = args["lists"]
     with pytest.raises(KernelInputError, match=message):
-        split_attention(args["q"], args["k"], args["k"], args["start"], indices, offsets)
+        split_attention(args["q"], args["k"], args["k"], args["start"], IndexLists(*args["lists"]))
+
+
+def test_every_gamma_fits_the_kernels():
+    """The loop's gamma limit and the kernels' query tile are set in two places; they must agree."""
+    from sts_edge.speculative import MAX_GAMMA
+    from sts_edge.triton_kernels.verify_attention import MAX_QUERIES
+
+    assert MAX_GAMMA + 1 == MAX_QUERIES
 
 
 def test_bad_score_buffer_and_selection_arguments():
@@ -281,16 +289,18 @@ def test_bad_score_buffer_and_selection_arguments():
         draft_attention_with_scores(q, k, v, 20, torch.zeros(2, 10, device=DEVICE))
     with pytest.raises(KernelInputError, match="aggregation"):
         draft_attention_with_scores(q, k, v, 20, torch.zeros(2, 30, device=DEVICE), aggregation="mean")
-    with pytest.raises(KernelInputError, match="budget"):
+    with pytest.raises(ValueError, match="budget"):
         select_sets(torch.rand(2, 50), 50, 0, 4, 4)
-    with pytest.raises(KernelInputError, match="fewer than the context"):
+    with pytest.raises(ValueError, match="fewer than the context"):
         select_sets(torch.rand(2, 50), 60, 8, 4, 4)
 
 
-def test_verification_mask_selects_the_same_sets_from_device_scores():
-    """The mask's device path (scores left as a tensor by the CUDA backend) equals its numpy path."""
+def test_layer_sets_select_the_reference_sets_from_device_scores():
+    """The backend's sts selection (all draft layers at once, on the device, mapped per target layer)
+    equals the contract's numpy reference, for a crossed head map."""
+    from sts_edge.backends.torch.selection import LayerSets
     from sts_edge.config import ModelConfig
-    from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationMask
+    from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationPlan, reference_sets
 
     target = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                                     "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -298,61 +308,62 @@ def test_verification_mask_selects_the_same_sets_from_device_scores():
     draft = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
                                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
                                    "vocab_size": 100})
-    policy = MaskPolicy("sts", budget=20, sink=2, window=8)
     mapping = LayerHeadMap.proportional(target, draft, "kv")
     mapping.head_map[1] = [1, 0]  # a crossed head map, as calibration can produce
+    plan = VerificationPlan(MaskPolicy("sts", budget=20, sink=2, window=8), mapping)
     scores = np.random.default_rng(0).random((3, 2, 120)).astype(np.float32)
-    on_host = VerificationMask(policy, 120, 2, mapping, scores)
-    on_device = VerificationMask(policy, 120, 2, mapping, torch.from_numpy(scores).to(DEVICE))
+    on_device = LayerSets(plan, 120, 2, torch.from_numpy(scores).to(DEVICE))
+    unused = torch.zeros(1)
     for layer in range(6):
-        np.testing.assert_array_equal(on_device.sets_for(layer).cpu().numpy(), on_host.sets_for(layer))
-    assert on_device.kept_rows == on_host.kept_rows
+        np.testing.assert_array_equal(on_device.for_layer(layer, unused, unused).cpu().numpy(),
+                                      reference_sets(plan, layer, 120, 2, scores=scores))
 
 
 def _two_rounds(target_dir, draft_dir, backend, dtype) -> list[np.ndarray]:
     """Prefill, then two draft-and-verify rounds with STS sets (the second from a later position,
     so captured graphs are replayed at a new start): every logits array along the way."""
     from sts_edge import load
-    from sts_edge.mask import LayerHeadMap, MaskPolicy
-    from sts_edge.speculative import Sparsity
+    from sts_edge.backend import ScoreSpec
+    from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationPlan
+    from sts_edge.sampling import GREEDY
 
     engine = load(target_dir, draft=draft_dir, backend=backend, max_seq_len=320, dtype=dtype)
     target, draft = engine.target, engine.draft
     prompt = np.random.default_rng(0).integers(3, 200, 180).tolist()
-    target.forward(prompt)
-    draft.forward(prompt)
-    policy = MaskPolicy("sts", budget=24, sink=2, window=8)
-    sparsity = Sparsity(policy, LayerHeadMap.proportional(target.config, draft.config, "kv"))
+    target.prefill(prompt)
+    draft.prefill(prompt)
+    plan = VerificationPlan(MaskPolicy("sts", budget=24, sink=2, window=8),
+                            LayerHeadMap.proportional(target.config, draft.config, "kv"))
     out = []
     for block in ([5, 6, 7, 8, 9], [11, 12, 13, 14, 15]):
-        draft.start_scores("kv", "max")
-        for token in block[:-1]:
-            out.append(draft.forward([token]))
-        mask = sparsity.mask(target, draft.read_scores(target.length, on_device=True))
-        out.append(target.forward(block, all_logits=True, mask=mask))
+        proposal = draft.draft(block[:1], 4, GREEDY, None, scores=ScoreSpec("kv", "max"), forced=block[1:])
+        out.append(proposal.probs.logits())
+        out.append(target.verify(block, GREEDY, plan, proposal.scores).logits())
         target.rollback(target.length - 3)  # two of the block's tokens are kept
         draft.rollback(target.length)
     return out
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the model routes attention to the kernels on a GPU only")
 def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch):
     """Draft scores, device selection and sparse verification through the kernels, replayed as
     CUDA graphs, then eagerly, against the same model with kernels and graphs off (plain paths)."""
-    import sts_edge.backends.cuda.model as cuda_model
+    import sts_edge.backends.torch.model as torch_model
 
     target_dir = make_model("llama3", head_dim=64, num_hidden_layers=3)
     draft_dir = make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2)
     graphed = _two_rounds(target_dir, draft_dir, "cuda", "float16")
     monkeypatch.setenv("STS_EDGE_CUDA_GRAPHS", "0")
     eager = _two_rounds(target_dir, draft_dir, "cuda", "float16")
-    monkeypatch.setattr(cuda_model, "use_kernels", lambda *args: False)
+    monkeypatch.setattr(torch_model, "use_kernels", lambda *args: False)
     plain = _two_rounds(target_dir, draft_dir, "cuda", "float16")
     for got_graphed, got_eager, want in zip(graphed, eager, plain):
         np.testing.assert_allclose(got_eager, want, rtol=2e-2, atol=2e-2)
         np.testing.assert_allclose(got_graphed, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the model routes attention to the kernels on a GPU only")
 @pytest.mark.parametrize("gamma", [1, 4, 8])
 @pytest.mark.parametrize("draft_kind", ["other-model", "target-itself"])
@@ -363,9 +374,8 @@ def test_speculative_greedy_on_gpu_equals_the_targets_own_greedy(make_model, gam
     row counts).
 
     In float16 a block and a single step may round the same logit differently (different matrix
-    shapes), and a random model has near-ties: one seen here had its two best logits 0.0016 apart
-    in float32, one float16 step. Where the two disagree, the float32 plain path on the CPU must
-    call it a tie. The exact oracle, in float32, is test_speculative.py's."""
+    shapes), and a random model has near-ties. Where the two disagree, the float32 plain path on
+    the CPU must call it a tie. The exact oracle, in float32, is test_speculative.py's."""
     from sts_edge.backend import load_model
     from sts_edge.sampling import SamplingParams
     from sts_edge.speculative import GenerationStats, generate_tokens
@@ -381,18 +391,18 @@ def test_speculative_greedy_on_gpu_equals_the_targets_own_greedy(make_model, gam
 
     stepper = load_model(target_dir, "cuda", max_seq_len=320, dtype="float16")
     referee = load_model(target_dir, "torch-cpu", max_seq_len=320, dtype="float32")
-    logits, ties = stepper.forward(prompt)[0], 0
+    logits, ties = stepper.prefill(prompt).logits()[0], 0
     for i, token in enumerate(got):
         own = int(logits.argmax())
         if own != token:
             referee.rollback(0)
-            exact = referee.forward(prompt + got[:i])[0]
+            exact = referee.prefill(prompt + got[:i]).logits()[0]
             gap = abs(float(exact[own] - exact[token]))
             assert gap < 1e-2 and exact.max() - max(exact[own], exact[token]) < 1e-2, (
                 f"token {i}: speculative {token}, the target's own step {own}; float32 logits "
                 f"{exact[token]:.4f} / {exact[own]:.4f}, best {exact.max():.4f}: not a tie")
             ties += 1
-        logits = stepper.forward([token])[0]
+        logits = stepper.prefill([token]).logits()[0]
     assert ties <= 2  # near-ties are rare; many would mean the block path's logits are off
     if draft_kind == "target-itself":
         assert stats.acceptance_rate > 0.9
@@ -404,36 +414,38 @@ def test_device_side_start_matches_the_plain_paths(make_model):
     """The form a CUDA graph captures (position as a device tensor, launch shape from a bound),
     run through the kernels on the CPU, against the same forward at a Python int position."""
     from sts_edge import load
-    from sts_edge.backends.cuda.graphs import CapturedSets
-    from sts_edge.backends.cuda.model import ScoreCollection
-    from sts_edge.mask import LayerHeadMap, MaskPolicy
-    from sts_edge.speculative import Sparsity
+    from sts_edge.backend import ScoreSpec
+    from sts_edge.backends.torch.attention import ScoreBuffer
+    from sts_edge.backends.torch.model import Reads
+    from sts_edge.backends.torch.selection import LayerSets
+    from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationPlan
 
     target_dir = make_model("llama3", head_dim=64, num_hidden_layers=3)
     draft_dir = make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2)
     engine = load(target_dir, draft=draft_dir, backend="torch-cpu", max_seq_len=320, dtype="float16")
     target, draft = engine.target, engine.draft
     prompt = np.random.default_rng(1).integers(3, 200, 150).tolist()
-    target.forward(prompt)
-    draft.forward(prompt)
+    target.prefill(prompt)
+    draft.prefill(prompt)
     start, device_start, bound = 150, torch.tensor([150], dtype=torch.int32), 256
     ids = torch.tensor([7])
+    spec = ScoreSpec("kv", "max")
     with torch.inference_mode():
         # Draft step with scores: plain path (int start) vs kernels (device start).
-        buffers = [torch.zeros(2, 2, 320), torch.zeros(2, 2, 320)]
-        want = draft.model(ids, start, False, scores=ScoreCollection(buffers[0], "max", "kv"))
-        got = draft.model(ids, device_start, False, scores=ScoreCollection(buffers[1], "max", "kv"), bound=bound)
+        buffers = [ScoreBuffer(torch.zeros(2, 2, 320), spec), ScoreBuffer(torch.zeros(2, 2, 320), spec)]
+        want = draft.model(ids, start, False, Reads(scores=buffers[0]))
+        got = draft.model(ids, device_start, False, Reads(scores=buffers[1]), bound=bound)
         np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=2e-2, atol=2e-2)
-        np.testing.assert_allclose(buffers[1].numpy(), buffers[0].numpy(), rtol=2e-2, atol=1e-4)
+        np.testing.assert_allclose(buffers[1].buffer.numpy(), buffers[0].buffer.numpy(), rtol=2e-2, atol=1e-4)
 
-        # Verification with STS sets: the VerificationMask (int start) vs CapturedSets (selection
-        # at the device start, over the whole score buffer, as a graph replays it).
-        policy = MaskPolicy("sts", budget=24, sink=2, window=8)
-        sparsity = Sparsity(policy, LayerHeadMap.proportional(target.config, draft.config, "kv"))
-        mask = sparsity.mask(target, buffers[0])
+        # Verification with STS sets: selection at an int context (plain path) vs at the device
+        # start over the whole score buffer, as a graph replays it (kernels).
+        plan = VerificationPlan(MaskPolicy("sts", budget=24, sink=2, window=8),
+                                LayerHeadMap.proportional(target.config, draft.config, "kv"))
         block = torch.tensor([5, 6, 7, 8, 9])
-        want = target.model(block, start, True, mask=mask)
-        captured = CapturedSets(buffers[0], device_start, bound, mask)
-        got = target.model(block, device_start, True, mask=captured, bound=bound)
-        np.testing.assert_array_equal(captured.sets.numpy(), mask.device_sets().numpy())
+        eager = LayerSets(plan, start, 2, buffers[0].buffer)
+        want = target.model(block, start, True, Reads(sets=eager))
+        captured = LayerSets(plan, device_start, 2, buffers[0].buffer, bound)
+        got = target.model(block, device_start, True, Reads(sets=captured), bound=bound)
+        np.testing.assert_array_equal(captured.draft_sets.numpy(), eager.draft_sets.numpy())
         np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=2e-2, atol=2e-2)

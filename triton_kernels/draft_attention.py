@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sts_edge.triton_kernels.verify_attention import KernelInputError, pdl_available, split_attention
+from sts_edge.triton_kernels.verify_attention import (
+    KernelInputError,
+    Launch,
+    ProbabilityOutputs,
+    pdl_available,
+    split_attention,
+)
 
 # Tile rows of the dense split kernel, fixed here because the tile maxima are indexed by row // TILE.
 TILE = 128
@@ -97,11 +103,10 @@ def draft_attention_with_scores(
     tile_probs = torch.empty(heads, n, length, dtype=torch.float16, device=q.device)
     tile_max = torch.empty(heads, n, block_slot + 1, dtype=torch.float32, device=q.device)
     lse = torch.empty(heads * n, dtype=torch.float32, device=q.device)
-    # The fold is launched with programmatic dependent launch, so it is ready to run as the merge
-    # ends: 1-1.3 us less per call on an H200 (README, "GPU kernels").
+    # The fold is launched with programmatic dependent launch, so it is ready to run as the merge ends.
     pdl = pdl_available(q.device)
-    out = split_attention(q, cache_k, cache_v, start, probs=(tile_probs, tile_max), lse=lse, bound=bound,
-                          num_splits=num_splits, block_n=TILE, check=check, pdl=pdl, early_next=True)
+    out = split_attention(q, cache_k, cache_v, start, probs=ProbabilityOutputs(tile_probs, tile_max, lse), bound=bound,
+                          launch=Launch(num_splits=num_splits, block_n=TILE, pdl=pdl, early_next=True), check=check)
     heads_per_unit = heads // kv_heads if granularity == "kv" else 1
     block_l = 1024
     _fold_scores_kernel[(heads // heads_per_unit, triton.cdiv(length, block_l))](

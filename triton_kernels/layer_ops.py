@@ -3,8 +3,7 @@
 At batch size one the arithmetic outside the matrix products is tiny, but in plain PyTorch a
 layer launches about 50 kernels (RMSNorm alone is eight: cast, square, mean, add, rsqrt,
 multiply, cast, scale), and every kernel costs a launch and a few microseconds even inside a
-CUDA graph. Replacing them took 41-46% off a graph-captured step at 32K on an H200
-(scripts/profile_step.py; README, "GPU kernels"). Three kernels replace them:
+CUDA graph (scripts/profile_step.py counts them; benchmarks/README.md). Three kernels replace them:
 
   * rms_norm: the residual add (optional) and RMSNorm in one pass over each row;
   * rope_and_cache: from the fused q/k/v projection, the rotary embedding of q and k (after
@@ -12,7 +11,7 @@ CUDA graph. Replacing them took 41-46% off a graph-captured step at 32K on an H2
     laid out as [heads, n, head_dim] for the attention kernels;
   * silu_mul: SwiGLU's silu(gate) * up.
 
-Each rounds to the model dtype wherever the plain path (backends/cuda/model.py) does, so the
+Each rounds to the model dtype wherever the plain path (backends/torch/model.py) does, so the
 two agree up to the order of RMSNorm's float32 sum.
 """
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -34,13 +35,54 @@ DTYPES = (torch.bfloat16, torch.float16)
 # and its tl.dot then multiplies the raw integers; there, bf16 tiles are upcast before each dot.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PDL_DEFAULT = os.environ.get("STS_EDGE_PDL", "1") == "1"
-# The merge reads up to this many splits per pass: one pass over all of them is one round trip to L2,
-# 1.5-3 us per call faster on an H100 than passes of 16 (README, "GPU kernels").
+# The merge reads up to this many splits per pass: one pass over all of them is one round trip to L2
+# (benchmarks/README.md measures it against passes of 16).
 MERGE_SPLITS = 64
 
 
 class KernelInputError(ValueError):
     """An input the kernels cannot take; the message says which and what is expected."""
+
+
+@dataclass(frozen=True)
+class IndexLists:
+    """Rows each KV head reads, laid end to end (CSR): KV head k reads indices[offsets[k]:offsets[k+1]].
+
+    indices: int32, flat, each list sorted ascending without repeats, inside the committed context;
+    offsets: int32 [kv_heads + 1]; longest: the longest list (computed, with a sync, when None)."""
+
+    indices: torch.Tensor
+    offsets: torch.Tensor
+    longest: int | None = None
+
+
+@dataclass(frozen=True)
+class ProbabilityOutputs:
+    """Where the dense path stores the draft's attention probabilities (see split_attention)."""
+
+    tile_probs: torch.Tensor
+    tile_max: torch.Tensor
+    lse: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Launch settings of split_attention; None picks the tuned default (benchmarks/README.md).
+
+    `block_m` (a power of two >= 16) pads the packed query tile of group * n rows. `pdl`: launch
+    both kernels with programmatic dependent launch (Hopper and later), so each one's launch
+    overlaps the tail of the kernel before it; each waits for that kernel's completion before its
+    first memory access. By default on where the GPU has it, unless STS_EDGE_PDL=0. `early_next`:
+    the caller's next kernel is PDL-launched too (draft_attention's fold): the merge lets it launch
+    as soon as every merge program has started, not as they end."""
+
+    num_splits: int | None = None
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int = 4
+    num_stages: int | None = None
+    pdl: bool | None = None
+    early_next: bool = False
 
 
 @triton.jit
@@ -241,8 +283,8 @@ def check_index_lists(indices: torch.Tensor, offsets: torch.Tensor, kv_heads: in
 
 
 def _num_splits(kv_heads: int, device: torch.device) -> int:
-    """About two programs per multiprocessor (the best of a sweep on an H100: scripts/bench_kernels.py
-    --sections tune). The launcher makes no split shorter than one tile, so short lists get fewer."""
+    """About two programs per multiprocessor (the best of a sweep: scripts/bench_kernels.py --sections
+    tune). The launcher makes no split shorter than one tile, so short lists get fewer."""
     programs = 2 * (_multiprocessors(device) if device.type == "cuda" else 4)
     return math.ceil(programs / kv_heads)
 
@@ -267,51 +309,33 @@ def split_attention(
     cache_k: torch.Tensor,
     cache_v: torch.Tensor,
     start: int | torch.Tensor,
-    indices: torch.Tensor | None = None,
-    offsets: torch.Tensor | None = None,
-    longest: int | None = None,
+    lists: IndexLists | None = None,
     *,
     bound: int | None = None,
-    probs: tuple[torch.Tensor, torch.Tensor] | None = None,
-    lse: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int | None = None,
+    probs: ProbabilityOutputs | None = None,
+    launch: Launch = Launch(),
     check: bool = True,
-    pdl: bool | None = None,
-    early_next: bool = False,
 ) -> torch.Tensor:
     """Attention of q [heads, n, head_dim] at positions start..start+n over a KV cache.
 
     cache_k/cache_v: [kv_heads, capacity, head_dim] with the block already written at rows
-    start..start+n. With `indices` (int32, flat) and `offsets` (int32 [kv_heads + 1]) each KV
-    head reads rows indices[offsets[k]:offsets[k+1]] plus the block; without, rows 0..start plus
-    the block. `longest` is the longest list (computed, with a sync, when not given).
-    Returns [heads, n, head_dim] in q's dtype (a view of [n, heads, head_dim]).
+    start..start+n. With `lists` each KV head reads its listed rows plus the block; without, rows
+    0..start plus the block. Returns [heads, n, head_dim] in q's dtype (a view of [n, heads, head_dim]).
 
-    For the draft's scores (dense only), `probs` = (tile_probs, tile_max) and `lse`: every row's
-    probability is 2^(tile_max[h, i, t] - lse[h * n + i]) * tile_probs[h, i, row], where t is the
-    row's tile, row // block_n for context rows and the last column for the block's own rows.
-    tile_probs [heads, n, >= start + n] float16 holds each tile's probabilities relative to the
-    running max at that tile, in (0, 1]: 11 bits for those within 2^-14 of it, an absolute 2^-24 of
-    it below, at half the bytes of float32 logits. tile_max [heads, n, cdiv(start, block_n) + 1]
-    float32 (`bound` for `start` when that is on the device) holds those maxima (log2 domain), lse
-    [heads * n] float32 each query's log2-sum-exp.
-
-    `pdl`: launch both kernels with programmatic dependent launch (Hopper and later), so each one's
-    launch overlaps the tail of the kernel before it (whatever the caller ran last, then the split
-    kernel); each waits for that kernel's completion before its first memory access. By default on
-    where the GPU has it, unless the environment sets STS_EDGE_PDL=0. `early_next`: the caller's
-    next kernel is PDL-launched too (draft_attention's fold): the merge lets it launch as soon as
-    every merge program has started, not as they end.
+    For the draft's scores (dense only), `probs`: every row's probability is
+    2^(tile_max[h, i, t] - lse[h * n + i]) * tile_probs[h, i, row], where t is the row's tile,
+    row // block_n for context rows and the last column for the block's own rows. tile_probs
+    [heads, n, >= start + n] float16 holds each tile's probabilities relative to the running max at
+    that tile, in (0, 1]: 11 bits for those within 2^-14 of it, an absolute 2^-24 of it below, at
+    half the bytes of float32 logits. tile_max [heads, n, cdiv(start, block_n) + 1] float32 (`bound`
+    for `start` when that is on the device) holds those maxima (log2 domain), lse [heads * n] float32
+    each query's log2-sum-exp.
 
     For CUDA graphs, `start` may be a one-element int32 device tensor read by the kernel, with
     `bound` >= start fixing the launch shape (and the widths of `probs`); inputs are then trusted.
-    `num_splits`, `block_m`, `block_n`, `num_warps`, `num_stages`: launch settings; the defaults
-    are tuned. `block_m` (a power of two >= 16) pads the packed query tile of group * n rows.
     """
+    pdl, early_next, num_warps = launch.pdl, launch.early_next, launch.num_warps
+    block_m, block_n, num_stages, num_splits = launch.block_m, launch.block_n, launch.num_stages, launch.num_splits
     in_memory = isinstance(start, torch.Tensor)
     if pdl is None:
         pdl = pdl_available(q.device)
@@ -325,20 +349,19 @@ def split_attention(
     heads, n, head_dim = q.shape
     kv_heads = cache_k.shape[0]
     group = heads // kv_heads
-    dense = indices is None
+    dense = lists is None
     if dense:
         longest = reach
         indices = offsets = q  # unused by the kernel
     else:
-        if offsets is None:
-            raise KernelInputError("index lists need their offsets [kv_heads + 1]")
+        indices, offsets, longest = lists.indices, lists.offsets, lists.longest
         if check:
             check_index_lists(indices, offsets, kv_heads, start)
         if longest is None:
             longest = int((offsets[1:] - offsets[:-1]).max())
-    # Launch settings: the best of sweeps on an H100 (README, "GPU kernels"; --sections tune). With
-    # index lists Triton's pipeliner shares num_stages - 1 stages between the index load and the
-    # gathers it feeds, so 5 stages give the gathers two buffers where 2-4 give them one.
+    # Launch settings: the best of sweeps (benchmarks/README.md; bench_kernels.py --sections tune).
+    # With index lists Triton's pipeliner shares num_stages - 1 stages between the index load and
+    # the gathers it feeds, so 5 stages give the gathers two buffers where 2-4 give them one.
     block_n = block_n or (128 if dense else 32)
     num_stages = num_stages or (2 if dense else 5)
     if num_splits is None:
@@ -352,8 +375,8 @@ def split_attention(
         if not dense and packed > 16 and q.is_cuda and not INTERPRETED and _capability(q.device) == 9:
             # Hopper, index lists: a 64-row tile makes Triton multiply with warpgroup MMAs, which
             # read the gathered K/V tile straight from shared memory; a 32-row tile (4 heads x 5-8
-            # queries) goes through mma.sync and stalls on shared-memory loads. 11% faster at
-            # 128K/10% kept on an H200; the dense path is 15% slower this way, <= 16 rows even.
+            # queries) goes through mma.sync and stalls on shared-memory loads. The dense path and
+            # tiles of <= 16 rows gain nothing from it (benchmarks/README.md).
             block_m = max(64, packed)
     if block_m < max(16, packed) or block_m & (block_m - 1):
         raise KernelInputError(f"block_m must be a power of two >= max(16, group * n = {group * n}), got {block_m}")
@@ -362,8 +385,9 @@ def split_attention(
     lpart = torch.empty(kv_heads * (num_splits + 1) * block_m, dtype=torch.float32, device=q.device)
     write_probs = probs is not None
     block_slot = triton.cdiv(reach, block_n)  # tile_max's column for the block's own rows
+    lse = probs.lse if write_probs else None
     if write_probs:
-        tile_probs, tile_max = probs
+        tile_probs, tile_max = probs.tile_probs, probs.tile_max
         tiles = block_slot + 1
         if not dense:
             raise KernelInputError("probabilities are written by the dense path only (the draft's scores)")

@@ -1,8 +1,9 @@
-"""Attention over the live part of the KV cache in MLX: dense, dense with draft scores, and sparse.
+"""Attention over the live part of the KV cache in MLX: one entry, `attend`, for every forward.
 
-Plain MLX ops, which run everywhere (Metal or CPU); Metal kernels (metal_kernels/) will take over
-the hot paths where Metal is present and are tested against these.
-Tensors are [1, heads, tokens, head_dim].
+A forward reads the cache densely, densely while folding its probabilities into the draft's
+running scores, or over index sets (verification with a sparse policy). These are plain MLX ops,
+which run everywhere (Metal or CPU); Metal kernels (metal_kernels/) will take over the hot paths
+where Metal is present and are tested against these. Tensors are [1, heads, tokens, head_dim].
 """
 
 from __future__ import annotations
@@ -10,15 +11,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
+
+from sts_edge.backend import ScoreSpec
 
 
 @dataclass
-class ScoreCollection:
-    """The draft's running attention scores for one round: [layers, units, capacity] float32."""
+class ScoreBuffer:
+    """The draft's running attention scores for one round: [layers, units, capacity] float32 (the
+    DraftScores of the backend protocol). MLX arrays are values, so the layers replace `buffer`."""
 
     buffer: mx.array
-    aggregation: str  # "max" or "sum"
-    granularity: str  # "kv" or "query"
+    spec: ScoreSpec
+
+    def numpy(self, context: int) -> np.ndarray:
+        return np.array(self.buffer[:, :, :context])
+
+
+def attend(q: mx.array, cache_k: mx.array, cache_v: mx.array, start: int, scale: float, *,
+           sets: mx.array | None = None, scores: ScoreBuffer | None = None, layer: int = 0) -> mx.array:
+    """Attention of q [1, heads, n, d] at positions start..start+n over the cache [1, kv_heads,
+    capacity, d] (the block already written): over `sets` [units, kept] plus the block, or densely,
+    folding the probabilities into row `layer` of `scores` when given."""
+    n = q.shape[2]
+    if sets is not None:
+        return sparse_attend(q, cache_k, cache_v, start, sets, scale)
+    keys, values = cache_k[:, :, : start + n], cache_v[:, :, : start + n]
+    if scores is not None:
+        return attend_and_score(q, keys, values, start, scale, scores, layer)
+    return dense_attend(q, keys, values, start, scale)
 
 
 def causal_block_mask(start: int, n: int) -> mx.array:
@@ -26,7 +47,7 @@ def causal_block_mask(start: int, n: int) -> mx.array:
     return mx.arange(start + n)[None, :] <= mx.arange(start, start + n)[:, None]
 
 
-def attend(q: mx.array, keys: mx.array, values: mx.array, start: int, scale: float) -> mx.array:
+def dense_attend(q: mx.array, keys: mx.array, values: mx.array, start: int, scale: float) -> mx.array:
     """q [1, heads, n, d] at positions start.. over keys/values [1, kv_heads, start + n, d] (GQA)."""
     n = q.shape[2]
     mask = None if n == 1 else causal_block_mask(start, n)
@@ -34,7 +55,7 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, start: int, scale: flo
 
 
 def attend_and_score(
-    q: mx.array, keys: mx.array, values: mx.array, start: int, scale: float, scores: ScoreCollection, layer: int
+    q: mx.array, keys: mx.array, values: mx.array, start: int, scale: float, scores: ScoreBuffer, layer: int
 ) -> mx.array:
     """Dense attention that also folds its probabilities into row `layer` of the running scores.
 
@@ -51,9 +72,9 @@ def attend_and_score(
         logits = mx.where(visible, logits, -mx.inf)
     probs = mx.softmax(logits, axis=-1)
     out = (probs.astype(values.dtype) @ values[0]).reshape(1, heads, n, head_dim)
-    per_unit = probs if scores.granularity == "kv" else probs.reshape(heads, n, length)
+    per_unit = probs if scores.spec.granularity == "kv" else probs.reshape(heads, n, length)
     live = scores.buffer[layer, :, :length]
-    if scores.aggregation == "max":
+    if scores.spec.aggregation == "max":
         scores.buffer[layer, :, :length] = mx.maximum(live, per_unit.max(axis=1))
     else:
         scores.buffer[layer, :, :length] = live + per_unit.sum(axis=1)

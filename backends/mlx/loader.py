@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from sts_edge.backend import check_forward
-from sts_edge.backends.mlx.attention import ScoreCollection
-from sts_edge.backends.mlx.model import KVCache, Transformer
+from sts_edge.backend import BackendModel, ScoreSpec, VerificationObserver
+from sts_edge.backends.mlx.attention import ScoreBuffer
+from sts_edge.backends.mlx.model import KVCache, Reads, Transformer
+from sts_edge.backends.mlx.sampling import MLXDistributions
+from sts_edge.backends.mlx.selection import LayerSets
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
-from sts_edge.mask import VerificationMask, units
+from sts_edge.mask import VerificationPlan, units
 from sts_edge.memory import process_peak, reset_process_peak
 from sts_edge.quantization import module_settings
+from sts_edge.sampling import SamplingParams
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -26,48 +27,37 @@ def metal_available() -> bool:
     return mx.metal.is_available()
 
 
-class MLXCausalLM:
-    """A Transformer with its KV caches and committed length (the CausalLM protocol)."""
+class MLXModel(BackendModel):
+    """A Transformer with its KV caches, on Apple silicon's GPU through Metal, or the CPU."""
 
     def __init__(self, model: Transformer, capacity: int, dtype: mx.Dtype):
+        super().__init__(model.config, capacity)
         self.model = model
-        self.config = model.config
-        self.capacity = capacity
         c = model.config
         self.caches = [KVCache(c.num_key_value_heads, capacity, c.head_dim, dtype) for _ in range(c.num_hidden_layers)]
-        self._length = 0
-        self._scores: ScoreCollection | None = None  # set while a draft round collects scores
 
-    @property
-    def length(self) -> int:
-        return self._length
-
-    def forward(self, tokens: Sequence[int], all_logits: bool = False, mask: VerificationMask | None = None) -> np.ndarray:
-        start, n = self._length, len(tokens)
-        check_forward(start, n, self.capacity, mask)
-        ids = mx.array(list(tokens), dtype=mx.int32)
-        logits = self.model(ids, self.caches, start, all_logits, mask=mask, scores=self._scores)
+    def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
+                 plan: VerificationPlan | None = None, draft_scores: ScoreBuffer | None = None,
+                 observer: VerificationObserver | None = None) -> mx.array:
+        sets = None
+        if plan is not None and not plan.policy.is_dense_at(start):
+            sets = LayerSets(plan, start, units(self.config, plan.policy.granularity),
+                             draft_scores.buffer if draft_scores is not None else None)
+        logits = self.model(mx.array(tokens, dtype=mx.int32), self.caches, start, not last_only,
+                            Reads(sets=sets, scores=scores, observer=observer))
         # Evaluate the cache (and score) writes with the logits so the lazy graph never outlives one step.
-        mx.eval(logits, [(c.keys, c.values) for c in self.caches], self._scores.buffer if self._scores else [])
-        self._length = start + n
-        return np.array(logits.astype(mx.float32))
+        mx.eval(logits, [(c.keys, c.values) for c in self.caches], scores.buffer if scores is not None else [])
+        return logits
 
-    def start_scores(self, granularity: str, aggregation: str) -> None:
-        """Begin a round: zero the running scores and fold every forward's attention into them."""
-        shape = (self.config.num_hidden_layers, units(self.config, granularity), self.capacity)
-        self._scores = ScoreCollection(mx.zeros(shape, dtype=mx.float32), aggregation, granularity)
+    def _distributions(self, logits: mx.array, sampling: SamplingParams, vocab: int | None) -> MLXDistributions:
+        return MLXDistributions(logits, sampling, vocab)
 
-    def read_scores(self, context: int, on_device: bool = False) -> np.ndarray:
-        """End a round: the scores [layers, units, context] of the first `context` positions."""
-        if self._scores is None:
-            raise RuntimeError("read_scores without start_scores")
-        scores, self._scores = self._scores, None
-        return np.array(scores.buffer[:, :, :context])
+    def _concat(self, logits_list: list[mx.array]) -> mx.array:
+        return mx.concatenate(logits_list)
 
-    def rollback(self, length: int) -> None:
-        if not 0 <= length <= self._length:
-            raise ValueError(f"cannot roll back to {length}: {self._length} positions are committed")
-        self._length = int(length)
+    def _new_scores(self, spec: ScoreSpec) -> ScoreBuffer:
+        shape = (self.config.num_hidden_layers, units(self.config, spec.granularity), self.capacity)
+        return ScoreBuffer(mx.zeros(shape, dtype=mx.float32), spec)
 
 
 def reset_peak_memory(device: str) -> None:
@@ -85,7 +75,7 @@ def peak_memory(device: str) -> tuple[int, str]:
     return process_peak(), "process RSS"
 
 
-def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> MLXCausalLM:
+def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> MLXModel:
     if dtype is None:
         # Half precision on Apple GPUs; the CPU build (Linux) runs float32 for exact agreement.
         dtype = ("float16" if config.torch_dtype == "float16" else "bfloat16") if metal_available() else "float32"
@@ -116,4 +106,4 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
     except ValueError as err:  # unexpected tensors or shape mismatches
         raise ModelLoadError(f"{model_dir}: weights do not match config.json: {err}") from None
     mx.eval(model.parameters())
-    return MLXCausalLM(model, max_seq_len, mlx_dtype)
+    return MLXModel(model, max_seq_len, mlx_dtype)

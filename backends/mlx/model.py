@@ -1,18 +1,33 @@
 """Llama-family transformer in MLX (Llama 3.x, Mistral, SmolLM2, Qwen2/2.5, Qwen3).
 
-The same model as backends/cuda/model.py, written the mlx-lm way. Batch size one; attention
+The same model as backends/torch/model.py, written the mlx-lm way. Batch size one; attention
 tensors are [1, heads, tokens, head_dim], the layout mx.fast.scaled_dot_product_attention takes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from sts_edge.backends.mlx.attention import ScoreCollection, attend, attend_and_score, sparse_attend
+from sts_edge.backend import VerificationObserver
+from sts_edge.backends.mlx.attention import ScoreBuffer, attend
+from sts_edge.backends.mlx.selection import LayerSets
 from sts_edge.config import ModelConfig
-from sts_edge.mask import VerificationMask
+
+
+@dataclass
+class Reads:
+    """What one forward's attention layers read beyond plain causal attention over the cache."""
+
+    sets: LayerSets | None = None  # a verification pass with a sparse policy
+    scores: ScoreBuffer | None = None  # a draft step: fold the attention into the round's scores
+    observer: VerificationObserver | None = None  # a measurement: sees every layer's queries and keys
+
+
+PLAIN = Reads()
 
 
 class KVCache:
@@ -25,12 +40,11 @@ class KVCache:
         self.keys = mx.zeros((1, kv_heads, capacity, head_dim), dtype=dtype)
         self.values = mx.zeros((1, kv_heads, capacity, head_dim), dtype=dtype)
 
-    def write(self, start: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Store rows start..start+n and return the live rows 0..start+n."""
+    def write(self, start: int, k: mx.array, v: mx.array) -> None:
+        """Store rows start..start+n."""
         end = start + k.shape[2]
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
-        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -50,14 +64,7 @@ class Attention(nn.Module):
         # mx.fast.rope takes rotation periods (1 / inverse frequency), llama3 scaling included.
         self._rope_periods = mx.array(1.0 / config.rope_inv_freq(), dtype=mx.float32)
 
-    def __call__(
-        self,
-        x: mx.array,
-        cache: KVCache,
-        start: int,
-        mask: VerificationMask | None = None,
-        scores: ScoreCollection | None = None,
-    ) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache, start: int, reads: Reads = PLAIN) -> mx.array:
         n = x.shape[1]
         q = self.q_proj(x).reshape(1, n, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(1, n, self.n_kv_heads, self.head_dim)
@@ -67,17 +74,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self._rope_periods)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self._rope_periods)
-        keys, values = cache.write(start, k, v)
-        indices = None
-        if mask is not None:  # a verification block: ask the policy for this layer's sets
-            qk = (np.array(q[0].astype(mx.float32)), np.array(keys[0].astype(mx.float32))) if mask.needs_queries else ()
-            indices = mask.sets_for(self.layer, *qk)
-        if indices is not None:
-            out = sparse_attend(q, cache.keys, cache.values, start, mx.array(indices), self.scale)
-        elif scores is not None:  # a draft step: also fold attention into the round's scores
-            out = attend_and_score(q, keys, values, start, self.scale, scores, self.layer)
-        else:
-            out = attend(q, keys, values, start, self.scale)
+        cache.write(start, k, v)
+        sets = reads.sets.for_layer(self.layer, q, cache.keys, self.scale) if reads.sets is not None else None
+        out = attend(q, cache.keys, cache.values, start, self.scale, sets=sets, scores=reads.scores, layer=self.layer)
+        if reads.observer is not None:
+            keys = cache.keys[0, :, : start + n]
+            reads.observer.observe(self.layer, np.array(q[0].astype(mx.float32)), np.array(keys.astype(mx.float32)))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, n, -1))
 
 
@@ -100,8 +102,8 @@ class Block(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache, start: int, **attention) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), cache, start, **attention)
+    def __call__(self, x: mx.array, cache: KVCache, start: int, reads: Reads) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), cache, start, reads)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -115,23 +117,14 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(
-        self,
-        tokens: mx.array,
-        caches: list[KVCache],
-        start: int,
-        all_logits: bool,
-        mask: VerificationMask | None = None,
-        scores: ScoreCollection | None = None,
-    ) -> mx.array:
-        """Logits for `tokens` [n] placed at positions start..: [n, vocab], or [1, vocab].
-
-        With `mask`, the tokens are a verification block and each layer reads the sets the mask
-        policy gives it; with `scores`, the attention probabilities are folded into them.
-        """
+    def __call__(self, tokens: mx.array, caches: list[KVCache], start: int, all_logits: bool,
+                 reads: Reads = PLAIN) -> mx.array:
+        """Logits for `tokens` [n] placed at positions start..: [n, vocab], or [1, vocab]. `reads`
+        says what the attention reads beyond the dense cache (verification sets, the draft's score
+        collection, an observer)."""
         x = self.embed_tokens(tokens[None])
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, cache, start, mask=mask, scores=scores)
+            x = layer(x, cache, start, reads)
         x = self.norm(x if all_logits else x[:, -1:])
         logits = self.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else self.lm_head(x)
         return logits[0]

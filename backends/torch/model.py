@@ -13,17 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sts_edge.backends.cuda.attention import (
-    attend,
-    attend_and_score,
-    csr_offsets,
-    draft_attention_with_scores,
-    sparse_attend,
-    split_attention,
-    use_kernels,
-)
+from sts_edge.backend import VerificationObserver
+from sts_edge.backends.torch.attention import ScoreBuffer, attend, use_kernels
+from sts_edge.backends.torch.selection import LayerSets
 from sts_edge.config import ModelConfig
-from sts_edge.mask import VerificationMask
 
 try:  # the fused per-token kernels of the GPU path (Triton); see Transformer.forward
     from sts_edge.triton_kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
@@ -32,12 +25,15 @@ except ImportError:
 
 
 @dataclass
-class ScoreCollection:
-    """The draft's running attention scores for one round: [layers, units, capacity] float32."""
+class Reads:
+    """What one forward's attention layers read beyond plain causal attention over the cache."""
 
-    buffer: torch.Tensor
-    aggregation: str  # "max" or "sum"
-    granularity: str  # "kv" or "query"
+    sets: LayerSets | None = None  # a verification pass with a sparse policy
+    scores: ScoreBuffer | None = None  # a draft step: fold the attention into the round's scores
+    observer: VerificationObserver | None = None  # a measurement: sees every layer's queries and keys
+
+
+PLAIN = Reads()
 
 
 class RMSNorm(nn.Module):
@@ -98,17 +94,8 @@ class Attention(nn.Module):
     def fuse_projections(self) -> None:
         self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        start: int | torch.Tensor,
-        mask: VerificationMask | None = None,
-        scores: ScoreCollection | None = None,
-        bound: int | None = None,
-        kernels: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor,
+                reads: Reads = PLAIN, bound: int | None = None, kernels: bool = False) -> torch.Tensor:
         """Attention of x [n, hidden] at positions start..start+n; cos/sin are the rotary tables
         of those positions, or with `kernels` the whole tables (the kernel indexes them)."""
         n = x.shape[0]
@@ -125,49 +112,13 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q = apply_rope(q.transpose(0, 1), cos, sin)
             self.cache.write(start, apply_rope(k.transpose(0, 1), cos, sin), v.transpose(0, 1))
-        if isinstance(start, torch.Tensor):  # a device-side start (CUDA graph): the kernels read the position there
-            out = self._graphed_attention(q, start, bound, mask, scores)
-        else:
-            out = self._attention(q, start, mask, scores, kernels)
+        cache_k, cache_v = self.cache.k, self.cache.v
+        sets = reads.sets.for_layer(self.layer, q, cache_k) if reads.sets is not None else None
+        scores = (reads.scores.buffer[self.layer], reads.scores.spec) if reads.scores is not None else None
+        out = attend(q, cache_k, cache_v, start, sets=sets, scores=scores, bound=bound, kernels=kernels)
+        if reads.observer is not None:
+            reads.observer.observe(self.layer, q.float().cpu().numpy(), cache_k[:, : start + n].float().cpu().numpy())
         return self.o_proj(out.transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
-
-    def _attention(self, q: torch.Tensor, start: int, mask: VerificationMask | None, scores: ScoreCollection | None,
-                   kernels: bool) -> torch.Tensor:
-        """q [heads, n, head_dim] over the live cache rows 0..start+n: [heads, n, head_dim].
-        With `kernels` the Triton kernels (triton_kernels/), else the plain paths, which are also
-        the kernels' references."""
-        keys, values = self.cache.k[:, : start + q.shape[1]], self.cache.v[:, : start + q.shape[1]]
-        indices = None
-        if mask is not None:  # a verification block: ask the policy for this layer's sets
-            qk = (q.float().cpu().numpy(), keys.float().cpu().numpy()) if mask.needs_queries else ()
-            indices = mask.sets_for(self.layer, *qk)
-        if indices is not None:
-            rows = torch.as_tensor(indices, device=q.device)
-            if kernels and rows.shape[0] == self.n_kv_heads:  # one set per KV head: the kernel's layout
-                return split_attention(q, self.cache.k, self.cache.v, start, rows.to(torch.int32).flatten(),
-                                       csr_offsets(self.n_kv_heads, rows.shape[1], q.device), rows.shape[1], check=False)
-            return sparse_attend(q, self.cache.k, self.cache.v, start, rows.long())
-        if scores is not None:  # a draft step: also fold attention into the round's scores
-            if kernels:
-                return draft_attention_with_scores(q, self.cache.k, self.cache.v, start, scores.buffer[self.layer],
-                                                   scores.aggregation, scores.granularity, check=False)
-            return attend_and_score(q, keys, values, start, scores.buffer[self.layer], scores.aggregation,
-                                    scores.granularity)
-        if kernels and start > 0:
-            return split_attention(q, self.cache.k, self.cache.v, start, check=False)
-        return attend(q, keys, values, start)
-
-    def _graphed_attention(self, q: torch.Tensor, start: torch.Tensor, bound: int, mask, scores) -> torch.Tensor:
-        """The kernel paths with the position on the device; `mask` gives device sets or None."""
-        indices = mask.sets_for(self.layer) if mask is not None else None
-        if indices is not None:
-            return split_attention(q, self.cache.k, self.cache.v, start, indices.flatten(),
-                                   csr_offsets(self.n_kv_heads, indices.shape[1], q.device), indices.shape[1],
-                                   bound=bound, check=False)
-        if scores is not None:
-            return draft_attention_with_scores(q, self.cache.k, self.cache.v, start, scores.buffer[self.layer],
-                                               scores.aggregation, scores.granularity, bound=bound, check=False)
-        return split_attention(q, self.cache.k, self.cache.v, start, bound=bound, check=False)
 
 
 class MLP(nn.Module):
@@ -213,13 +164,12 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor,
-                **attention) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, **attention)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, reads: Reads) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, reads)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_kernels(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                        start: int | torch.Tensor, **attention) -> tuple[torch.Tensor, torch.Tensor]:
+                        start: int | torch.Tensor, reads: Reads, bound: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The GPU path, where each residual add runs in the kernel of the norm after it: x is the
         previous layer's output not yet added to `residual` (None before the first layer), and
         this returns its own output and residual in the same form."""
@@ -228,7 +178,7 @@ class Block(nn.Module):
             normed, residual = rms_norm(x, norm.weight, norm.eps), x
         else:
             normed, residual = rms_norm(x, norm.weight, norm.eps, residual)
-        x = self.self_attn(normed, cos, sin, start, kernels=True, **attention)
+        x = self.self_attn(normed, cos, sin, start, reads, bound, kernels=True)
         norm = self.post_attention_layernorm
         normed, residual = rms_norm(x, norm.weight, norm.eps, residual)
         return self.mlp(normed, kernels=True), residual
@@ -257,21 +207,13 @@ class Transformer(nn.Module):
         self.rope_cos = angles.cos().to(weight.dtype)
         self.rope_sin = angles.sin().to(weight.dtype)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        start: int | torch.Tensor,
-        all_logits: bool,
-        mask: VerificationMask | None = None,
-        scores: ScoreCollection | None = None,
-        bound: int | None = None,
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor, all_logits: bool, reads: Reads = PLAIN,
+                bound: int | None = None) -> torch.Tensor:
         """Logits for `tokens` [n] placed at positions start..start+n: [n, vocab], or [1, vocab].
 
-        With `mask`, the tokens are a verification block and each layer reads the sets the mask
-        policy gives it; with `scores`, the attention probabilities are folded into them.
-        `start` may be a one-element device tensor, with `bound` >= start: the form a CUDA graph
-        captures (GPU kernels only; graphs.py's DecodeGraphs).
+        `reads` says what the attention reads beyond the dense cache (verification sets, the
+        draft's score collection, an observer). `start` may be a one-element device tensor, with
+        `bound` >= start: the form a CUDA graph captures (GPU kernels only; graphs.py).
         """
         n, weight = tokens.shape[0], self.embed_tokens.weight
         # Decode-sized blocks on a GPU (and every graph-captured forward) take the Triton kernels,
@@ -281,15 +223,14 @@ class Transformer(nn.Module):
         if kernels:
             residual = None
             for layer in self.layers:
-                x, residual = layer.forward_kernels(x, residual, self.rope_cos, self.rope_sin, start, mask=mask,
-                                                    scores=scores, bound=bound)
+                x, residual = layer.forward_kernels(x, residual, self.rope_cos, self.rope_sin, start, reads, bound)
             if not all_logits:
                 x, residual = x[-1:], residual[-1:]
             x, _ = rms_norm(x, self.norm.weight, self.norm.eps, residual)
         else:
             cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]
             for layer in self.layers:
-                x = layer(x, cos, sin, start, mask=mask, scores=scores)
+                x = layer(x, cos, sin, start, reads)
             x = self.norm(x if all_logits else x[-1:])
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head)

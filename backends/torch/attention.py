@@ -1,30 +1,78 @@
-"""Attention over the live part of the KV cache: dense, dense with draft scores, and sparse.
+"""Attention over the live part of the KV cache: one entry, `attend`, for every forward.
 
-These are the plain paths (PyTorch ops). They are also the references that the Triton kernels
-(triton_kernels/) are tested against when they take over the hot paths.
+A forward reads the cache in one of three ways: dense (causal over rows 0..start+n), dense while
+folding its probabilities into the draft's running scores, or over index sets (verification
+with a sparse policy). Decode-sized blocks on a GPU go to the Triton kernels (triton_kernels/);
+prefill and the CPU take the plain PyTorch paths below, which are also the kernels' references.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-try:  # Triton ships for Linux and Windows with CUDA; elsewhere only the plain paths exist.
+from sts_edge.backend import ScoreSpec
+from sts_edge.backends.torch.selection import csr_offsets
+
+try:  # Triton ships for Linux and Windows; elsewhere only the plain paths exist.
     from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores
-    from sts_edge.triton_kernels.selection import csr_offsets
-    from sts_edge.triton_kernels.verify_attention import HEAD_DIMS, MAX_QUERIES, split_attention
+    from sts_edge.triton_kernels.verify_attention import HEAD_DIMS, MAX_QUERIES, IndexLists, split_attention
 except ImportError:
-    split_attention = draft_attention_with_scores = csr_offsets = None
+    split_attention = draft_attention_with_scores = IndexLists = None
     HEAD_DIMS, MAX_QUERIES = (), 0
 
-__all__ = ["attend", "attend_and_score", "sparse_attend", "use_kernels", "split_attention",
-           "draft_attention_with_scores", "csr_offsets"]
+
+@dataclass
+class ScoreBuffer:
+    """The draft's running attention scores for one round: [layers, units, capacity] float32 on the
+    device (the DraftScores of the backend protocol)."""
+
+    buffer: torch.Tensor
+    spec: ScoreSpec
+
+    def numpy(self, context: int):
+        return self.buffer[:, :, :context].cpu().numpy()
 
 
 def use_kernels(device: torch.device, dtype: torch.dtype, n: int, head_dim: int) -> bool:
     """Whether a forward of n tokens goes to the Triton kernels: a decode-sized block on a GPU,
     in a dtype and head size they are built for."""
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim in HEAD_DIMS and n <= MAX_QUERIES
+
+
+def attend(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int | torch.Tensor, *,
+           sets: torch.Tensor | None = None, scores: tuple[torch.Tensor, ScoreSpec] | None = None,
+           bound: int | None = None, kernels: bool = False) -> torch.Tensor:
+    """Attention of q [heads, n, head_dim] at positions start..start+n; returns [heads, n, head_dim].
+
+    cache_k/cache_v: the whole cache [kv_heads, capacity, head_dim], the block already written.
+    `sets` [units, kept] (int, sorted, < start): each unit reads those rows plus the block, causally.
+    `scores` (this layer's score row [units, capacity], what to collect): fold this call's attention
+    probabilities into it. `kernels`: the Triton paths, where `start` may be a device tensor with
+    `bound` >= start (the form a CUDA graph captures).
+    """
+    kv_heads = cache_k.shape[0]
+    if kernels and (sets is None or sets.shape[0] == kv_heads):  # the kernels take one list per KV head
+        if sets is not None:
+            lists = IndexLists(sets.to(torch.int32).flatten(), csr_offsets(kv_heads, sets.shape[1], q.device), sets.shape[1])
+            return split_attention(q, cache_k, cache_v, start, lists, bound=bound, check=False)
+        if scores is not None:
+            row, spec = scores
+            return draft_attention_with_scores(q, cache_k, cache_v, start, row, spec.aggregation, spec.granularity,
+                                               bound=bound, check=False)
+        if isinstance(start, torch.Tensor) or start > 0:
+            return split_attention(q, cache_k, cache_v, start, bound=bound, check=False)
+    if isinstance(start, torch.Tensor):
+        raise ValueError("a device-side start needs the kernel path (per-KV-head sets, a GPU)")
+    keys, values = cache_k[:, : start + q.shape[1]], cache_v[:, : start + q.shape[1]]
+    if sets is not None:
+        return sparse_attend(q, cache_k, cache_v, start, sets.long())
+    if scores is not None:
+        row, spec = scores
+        return attend_and_score(q, keys, values, start, row, spec.aggregation, spec.granularity)
+    return dense_attend(q, keys, values, start)
 
 
 def causal_block_mask(start: int, n: int, device: torch.device) -> torch.Tensor:
@@ -34,7 +82,7 @@ def causal_block_mask(start: int, n: int, device: torch.device) -> torch.Tensor:
     return keys[None, :] <= queries[:, None]
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+def dense_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
     """q [heads, n, head_dim] at positions start.. over keys/values [kv_heads, start + n, head_dim].
 
     Query heads are grouped over KV heads (GQA) without copying the cache.

@@ -1,0 +1,156 @@
+"""Loading a model directory into the PyTorch model, and the CausalLM the core drives."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from sts_edge.backend import BackendModel, ScoreSpec, VerificationObserver
+from sts_edge.backends.torch.attention import ScoreBuffer
+from sts_edge.backends.torch.graphs import DecodeGraphs
+from sts_edge.backends.torch.model import Reads, Transformer
+from sts_edge.backends.torch.sampling import TorchDistributions
+from sts_edge.backends.torch.selection import LayerSets
+from sts_edge.config import ModelConfig
+from sts_edge.errors import ModelLoadError
+from sts_edge.mask import VerificationPlan, units
+from sts_edge.memory import process_peak, reset_process_peak
+from sts_edge.quantization import dequantize, module_settings
+from sts_edge.sampling import SamplingParams
+from sts_edge.weights import check_complete, checkpoint_files, internal_name
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchModel(BackendModel):
+    """A Transformer with its KV cache, on a GPU ("cuda") or the CPU ("torch-cpu")."""
+
+    def __init__(self, model: Transformer, capacity: int):
+        super().__init__(model.config, capacity)
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self._score_buffers: dict[ScoreSpec, ScoreBuffer] = {}  # reused by every round: graphs keep their pointers
+        self._eager_reasons: set[str] = set()
+        model.prepare_decoding(capacity)
+        # Decode-sized forwards replay CUDA graphs on a GPU (STS_EDGE_CUDA_GRAPHS=0 turns them off).
+        self.graphs = DecodeGraphs(model, capacity) if os.environ.get("STS_EDGE_CUDA_GRAPHS", "1") != "0" else None
+
+    @torch.inference_mode()
+    def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
+                 plan: VerificationPlan | None = None, draft_scores: ScoreBuffer | None = None,
+                 observer: VerificationObserver | None = None) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        if plan is not None and plan.policy.is_dense_at(start):
+            plan = None  # the whole context fits the sets: plain dense verification
+        if self.graphs is not None and observer is None:
+            if self.graphs.accepts(start, len(tokens), plan, draft_scores):
+                return self.graphs.run(ids, start, not last_only, plan, draft_scores, scores)
+            self._note_eager(start, len(tokens), plan)
+        sets = None
+        if plan is not None:
+            sets = LayerSets(plan, start, units(self.config, plan.policy.granularity),
+                             draft_scores.buffer if draft_scores is not None else None)
+        return self.model(ids, start, not last_only, Reads(sets=sets, scores=scores, observer=observer))
+
+    def _distributions(self, logits: torch.Tensor, sampling: SamplingParams, vocab: int | None) -> TorchDistributions:
+        return TorchDistributions(logits, sampling, vocab)
+
+    def _concat(self, logits_list: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(logits_list)
+
+    def _new_scores(self, spec: ScoreSpec) -> ScoreBuffer:
+        buffer = self._score_buffers.get(spec)
+        if buffer is None:
+            shape = (self.config.num_hidden_layers, units(self.config, spec.granularity), self.capacity)
+            buffer = self._score_buffers[spec] = ScoreBuffer(torch.zeros(shape, dtype=torch.float32, device=self.device), spec)
+        else:
+            buffer.buffer.zero_()
+        return buffer
+
+    def _note_eager(self, start: int, n: int, plan: VerificationPlan | None) -> None:
+        """Say once why a decode-sized verification on the GPU runs eagerly instead of replaying a graph."""
+        if plan is None or self.device.type != "cuda" or n > 16 or start == 0:
+            return
+        policy = plan.policy
+        reason = ("the policy is not sts" if policy.name != "sts" else "the budget is a share of the context"
+                  if policy.budget < 1 else "sets are per query head" if policy.granularity != "kv" else "")
+        if reason and reason not in self._eager_reasons:
+            self._eager_reasons.add(reason)
+            warnings.warn(f"verification runs without CUDA graphs because {reason}: slower per round "
+                          "(graphs take sts with a token-count budget and one set per KV head)", stacklevel=2)
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start measuring peak memory afresh: the GPU's allocator on "cuda", the process on the CPU."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_process_peak()
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    """(bytes, what they measure) since the last reset."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated(), "GPU"
+    return process_peak(), "process RSS"
+
+
+def auto_device() -> str:
+    """"cuda" where a GPU and a CUDA build of torch are present, else "torch-cpu"."""
+    return "cuda" if torch.cuda.is_available() else "torch-cpu"
+
+
+def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> TorchModel:
+    torch_device = torch.device("cuda" if device == "cuda" else "cpu")
+    if dtype is None:
+        # bfloat16 halves memory traffic on GPUs; CPUs run float32 matmuls faster and exactly.
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt") as checkpoint:
+            names = list(checkpoint.keys())
+        for name in names:
+            mapped = internal_name(name, config)
+            if mapped is None:
+                continue
+            # One mapping of the file per tensor: a mapped page counts as resident until the mapping
+            # closes, so reading a 2 GB shard through one mapping would hold all of it at once. Each
+            # tensor is converted as it is read: the file's copy and ours never both exist whole.
+            with safe_open(str(path), framework="pt") as checkpoint:
+                tensor = checkpoint.get_tensor(name)
+            state[mapped] = tensor.to(device=torch_device, dtype=torch_dtype) if tensor.is_floating_point() else tensor
+    _dequantize_in_place(state, config, torch_device, torch_dtype)
+    check_complete(set(state), config, model_dir)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # shape mismatches: config.json and weights disagree
+        raise ModelLoadError(f"{model_dir}: weights do not match config.json: {err}") from None
+    # The model holds the weights now. Dropping the dict's references lets prepare_decoding stack
+    # the projections one layer at a time instead of keeping a second copy of them all.
+    del state
+    return TorchModel(model.eval(), max_seq_len)
+
+
+def _dequantize_in_place(state: dict[str, torch.Tensor], config: ModelConfig, device: torch.device,
+                         dtype: torch.dtype) -> None:
+    """Replace each quantized `X.weight` (with `X.scales`, `X.biases`) by its decoded float weight."""
+    for scales_name in [name for name in state if name.endswith(".scales")]:
+        module = scales_name.removesuffix(".scales")
+        settings = module_settings(config.extra, module)
+        if settings is None:
+            raise ModelLoadError(f"{module} is quantized but config.json has no 'quantization' block")
+        packed, scales, biases = state.pop(module + ".weight"), state.pop(scales_name), state.pop(module + ".biases")
+        decoded = dequantize(packed.numpy(), scales.float().numpy(), biases.float().numpy(), *settings)
+        state[module + ".weight"] = torch.from_numpy(decoded).to(device=device, dtype=dtype)

@@ -1,0 +1,150 @@
+"""Token sets on the torch backend's device, by the selection contract of sts_edge.mask (whose numpy
+`reference_sets` the tests compare with).
+
+sts: the top-B of every draft layer and unit in one torch.topk over the draft's running score
+buffer, merged with sink and window and sorted; each target layer takes its mapped draft layer's
+sets (views, so a CUDA graph can capture the whole selection). torch.topk stays because a
+sorting-free threshold selection was not faster at long contexts (benchmarks/README.md).
+oracle and quest score the block's own queries and keys here; streaming is recency.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sts_edge.mask import LayerHeadMap, VerificationPlan
+
+
+def select_sets(scores: torch.Tensor, context: int, budget: int, sink: int, window: int) -> torch.Tensor | None:
+    """Sorted int32 sets [..., keep] from scores [..., units, >= context], or None when dense.
+
+    keep = min(budget + sink + window, context). Each set holds positions 0..sink-1, the last
+    `window` positions before `context`, and the `budget` best-scoring positions between them.
+    """
+    _check(scores, context, "the context", budget, sink, window)
+    if budget + sink + window >= context:
+        return None
+    top = scores[..., sink : context - window].topk(budget, dim=-1, sorted=False).indices
+    window_rows = torch.arange(context - window, context, dtype=torch.int32, device=scores.device)
+    return _merge(top, sink, window_rows)
+
+
+def select_sets_at(scores: torch.Tensor, context: torch.Tensor, bound: int, budget: int, sink: int,
+                   window: int) -> torch.Tensor:
+    """select_sets with `context` a one-element int32 device tensor, the form a CUDA graph replays
+    at every position up to `bound`: scores [..., units, >= bound].
+
+    The candidates are columns sink..bound with those from context - window on masked out, so no
+    shape depends on the context. The caller keeps budget + sink + window < context <= bound (the
+    layer runs dense otherwise); within that, the sets equal select_sets' (ties aside).
+    """
+    _check(scores, bound, "the bound", budget, sink, window)
+    columns = torch.arange(sink, bound, dtype=torch.int32, device=scores.device)
+    candidates = scores[..., sink:bound].masked_fill(columns >= context - window, float("-inf"))
+    top = candidates.topk(budget, dim=-1, sorted=False).indices
+    window_rows = context - window + torch.arange(window, dtype=torch.int32, device=scores.device)
+    return _merge(top, sink, window_rows)
+
+
+def _check(scores: torch.Tensor, columns: int, name: str, budget: int, sink: int, window: int) -> None:
+    if budget < 1 or sink < 0 or window < 0:
+        raise ValueError(f"budget must be >= 1 and sink, window >= 0, got {budget}, {sink}, {window}")
+    if scores.shape[-1] < columns:
+        raise ValueError(f"scores cover {scores.shape[-1]} positions, fewer than {name} ({columns})")
+
+
+def _merge(top: torch.Tensor, sink: int, window_rows: torch.Tensor) -> torch.Tensor:
+    """Sets [..., sink + window + budget] from top-B column offsets (past the sink), sorted."""
+    forced = torch.cat((torch.arange(sink, dtype=torch.int32, device=top.device), window_rows))
+    sets = torch.cat((forced.expand(*top.shape[:-1], forced.numel()), top.to(torch.int32) + sink), dim=-1)
+    return sets.sort(dim=-1).values
+
+
+def csr_offsets(units: int, keep: int, device: torch.device) -> torch.Tensor:
+    """Offsets [units + 1] of `units` lists of `keep` rows each, laid end to end."""
+    return torch.arange(0, (units + 1) * keep, keep, dtype=torch.int32, device=device)
+
+
+def mapped_sets(draft_sets: torch.Tensor, mapping: LayerHeadMap, layer: int) -> torch.Tensor:
+    """Target `layer`'s sets from the sets of every draft layer [draft_layers, draft_units, keep]:
+    its draft layer's, one per target unit by the head map (no host copies)."""
+    sets = draft_sets[int(mapping.layer_map[layer])]
+    heads = mapping.head_map[layer]
+    if np.array_equal(heads, np.arange(sets.shape[0])):
+        return sets
+    return torch.stack([sets[int(h)] for h in heads])
+
+
+def attention_mass(q: torch.Tensor, keys: torch.Tensor, context: int, granularity: str) -> torch.Tensor:
+    """The oracle's score: the block's dense attention mass on each context position, summed over its
+    queries (and a group's query heads at "kv" granularity): [units, context] float32.
+    q [heads, n, head_dim] at positions context..; keys [kv_heads, >= context + n, head_dim]."""
+    heads, n, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    qg = q.float().reshape(kv_heads, heads // kv_heads * n, head_dim)
+    logits = qg @ keys[:, : context + n].float().transpose(1, 2) * head_dim**-0.5
+    positions = torch.arange(context + n, device=q.device)
+    causal = positions[None, :] <= (context + torch.arange(n, device=q.device)).repeat(heads // kv_heads)[:, None]
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)[..., :context]
+    mass = probs.reshape(heads, n, context).sum(dim=1)
+    return mass.reshape(kv_heads, -1, context).sum(dim=1) if granularity == "kv" else mass
+
+
+def quest_scores(q: torch.Tensor, keys: torch.Tensor, context: int, granularity: str, page_size: int) -> torch.Tensor:
+    """Quest: per page of `page_size` context rows, the upper bound sum_d max(q_d * min_d, q_d * max_d)
+    of q . k (max over the block's queries and, at "kv", the group's heads), given to every token of
+    the page: [units, context]."""
+    heads, n, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    pages = -(-context // page_size)
+    live = keys[:, :context].float()
+    pad = pages * page_size - context  # the last page's missing rows repeat its first, not moving min or max
+    paged = torch.cat((live, live[:, (pages - 1) * page_size :][:, :1].expand(-1, pad, -1)), dim=1) if pad else live
+    paged = paged.reshape(kv_heads, pages, page_size, head_dim)
+    kmin, kmax = paged.amin(dim=2), paged.amax(dim=2)  # [kv, pages, d]
+    qg = q.float().reshape(kv_heads, heads // kv_heads, n, 1, head_dim)
+    bound = torch.maximum(qg * kmin[:, None, None], qg * kmax[:, None, None]).sum(-1).amax(dim=2)  # [kv, group, pages]
+    per_unit = bound.amax(dim=1) if granularity == "kv" else bound.reshape(heads, pages)
+    return per_unit.repeat_interleave(page_size, dim=-1)[:, :context]
+
+
+class LayerSets:
+    """The index sets each target layer reads in one verification pass, by the plan's policy.
+
+    For sts the top-B of every draft layer is selected on the first request from the draft's score
+    buffer [draft_layers, draft_units, >= context]; with `context` a device tensor (a CUDA graph),
+    over the columns up to `bound`. oracle and quest score the layer's own queries and keys.
+    """
+
+    def __init__(self, plan: VerificationPlan, context: int | torch.Tensor, units: int,
+                 draft_scores: torch.Tensor | None = None, bound: int | None = None):
+        self.plan, self.context, self.units, self.draft_scores, self.bound = plan, context, units, draft_scores, bound
+        self.draft_sets: torch.Tensor | None = None  # [draft_layers, draft_units, keep], once selected
+
+    def for_layer(self, layer: int, q: torch.Tensor, cache_k: torch.Tensor) -> torch.Tensor | None:
+        """int32 [units, keep], or None where the layer reads everything."""
+        policy, context = self.plan.policy, self.context
+        on_device = isinstance(context, torch.Tensor)
+        if layer in policy.dense_layers or (not on_device and policy.is_dense_at(context)):
+            return None
+        if policy.name == "sts":
+            if self.draft_sets is None:
+                self.draft_sets = self._select_draft_sets()
+            return mapped_sets(self.draft_sets, self.plan.mapping, layer)
+        budget = policy.budget_tokens(context)
+        if policy.name == "streaming":
+            scores = torch.arange(context, dtype=torch.float32, device=q.device).expand(self.units, context)
+        elif policy.name == "oracle":
+            scores = attention_mass(q, cache_k, context, policy.granularity)
+        else:
+            scores = quest_scores(q, cache_k, context, policy.granularity, policy.page_size)
+        return select_sets(scores, context, budget, policy.sink, policy.window)
+
+    def _select_draft_sets(self) -> torch.Tensor:
+        policy = self.plan.policy
+        if isinstance(self.context, torch.Tensor):
+            budget = policy.budget_tokens(self.bound)  # graphs take integer budgets only: the same at any context
+            return select_sets_at(self.draft_scores, self.context, self.bound, budget, policy.sink, policy.window)
+        return select_sets(self.draft_scores, self.context, policy.budget_tokens(self.context), policy.sink,
+                           policy.window)
