@@ -140,7 +140,8 @@ def graphed_round(target: TorchModel, draft: TorchModel, context: int, gamma: in
     return row
 
 
-def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: int = 5) -> list[dict]:
+def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: int = 5,
+                modes: tuple[str, ...] = ("runtime", "eager", "device")) -> list[dict]:
     capacity = max(contexts) + 64
     target = random_model(LLAMA_8B, capacity)
     draft = random_model(LLAMA_1B, capacity)
@@ -152,7 +153,7 @@ def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: 
             for name, sparse in (("dense speculative", None), ("sts", sparsity)):
                 row = {"context": context, "method": name, "gamma": gamma, "budget": budget if sparse else None}
                 graphs = target.graphs, draft.graphs
-                for mode in ("runtime", "eager", "device"):
+                for mode in modes:
                     if mode == "device":
                         phases = graphed_round(target, draft, context, gamma, sparse)
                     else:
@@ -168,7 +169,7 @@ def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: 
                           f"round {row[mode]['round_ms']:6.2f} ms", flush=True)
                 rows.append(row)
             dense, sts = rows[-2], rows[-1]
-            for mode in ("runtime", "eager", "device"):
+            for mode in modes:
                 sts[mode]["round_speedup"] = dense[mode]["round_ms"] / sts[mode]["round_ms"]
                 sts[mode]["verify_speedup"] = dense[mode]["verify_ms"] / sts[mode]["verify_ms"]
     return rows
@@ -179,12 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--budget", type=int, default=512)
+    parser.add_argument("--modes", default="runtime,eager,device", help="which timings (see above)")
     parser.add_argument("--out", help="JSON output (default: print only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_round.py needs a CUDA GPU", file=sys.stderr)
         return 1
-    rows = bench_round([int(c) for c in args.contexts.split(",")], args.gamma, args.budget)
+    rows = bench_round([int(c) for c in args.contexts.split(",")], args.gamma, args.budget,
+                       modes=tuple(args.modes.split(",")))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**run_header(), "round": rows}, f, indent=1)

@@ -47,7 +47,9 @@ class TorchModel(BackendModel):
             plan = None  # the whole context fits the sets: plain dense verification
         if self.graphs is not None and observer is None:
             if self.graphs.accepts(start, len(tokens), plan, draft_scores):
-                return self.graphs.run(ids, start, not last_only, plan, draft_scores, scores)
+                # The graph's output buffer is rewritten by its next replay (the next draft step): a copy
+                # is what the caller keeps.
+                return self.graphs.run(ids, start, not last_only, plan, draft_scores, scores).clone()
             self._note_eager(start, len(tokens), plan)
         sets = None
         if plan is not None:
