@@ -44,14 +44,24 @@ LLAMA_1B = dict(LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_l
                 num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
 
 
-def random_model(raw: dict, capacity: int) -> TorchModel:
+def random_model(raw: dict, capacity: int, quantize=None) -> TorchModel:
+    """A model of config `raw` with random bf16 weights on the GPU (`quantize`, given the model on the
+    meta device, may put packed layers in first), and a filled cache: random rows, as if the context
+    had been prefilled."""
     config = ModelConfig.from_dict(raw, source="benchmark shape")
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device("meta"):
         model = Transformer(config).eval()
-    torch.set_default_dtype(torch.float32)
+    if quantize is not None:
+        quantize(model)
+    generator = torch.Generator("cuda").manual_seed(0)
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_meta:
+                values = torch.empty(tensor.shape, device="cuda", dtype=torch.bfloat16)
+                values = values.fill_(1.0) if name == "weight" and tensor.dim() == 1 else values.normal_(0, 0.02, generator=generator)
+                setattr(module, name, torch.nn.Parameter(values, requires_grad=False) if name in module._parameters else values)
     lm = TorchModel(model, capacity)
-    for layer in model.layers:  # a filled cache: random rows, as if the context had been prefilled
+    for layer in model.layers:
         layer.self_attn.cache.k.normal_()
         layer.self_attn.cache.v.normal_()
     return lm

@@ -91,6 +91,14 @@ class Engine:
         chosen = {k: (tuple(v) if k == "dense_layers" else v) for k, v in overrides.items() if v is not None}
         return dataclasses.replace(base, **chosen) if chosen else base
 
+    @property
+    def default_gamma(self) -> int:
+        """Draft tokens per round when a call does not say: 4, and 2 on the PyTorch CPU backend,
+        whose int4 kernel works in tiles of 4 rows: a 5-row verification block costs about 2.6
+        single-token steps there, 4 rows 1.4, 2 rows 1.1, and gamma 2 measured faster than 3 and 4
+        on the demo pair (benchmarks/README.md)."""
+        return 2 if self.backend == "torch-cpu" else 4
+
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a plain text prompt, or of chat messages rendered with the chat template."""
         if isinstance(prompt, str):
@@ -106,7 +114,7 @@ class Engine:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
-        gamma: int = 4,
+        gamma: int | None = None,
         use_draft: bool = True,
         stats: GenerationStats | None = None,
         reuse_cache: bool = False,
@@ -117,15 +125,20 @@ class Engine:
 
         `policy` ("dense", "sts", "oracle", "streaming", "quest" or a MaskPolicy) and the
         policy options (budget, sink, window, dense_layers, aggregation, granularity) override
-        the engine's default policy for this call. `reuse_cache` keeps the KV of the prompt's
-        prefix shared with the previous call (what `chat` does across turns).
+        the engine's default policy for this call; `gamma` defaults to `default_gamma`.
+        `reuse_cache` keeps the KV of the prompt's prefix shared with the previous call (what
+        `chat` does across turns).
         """
         ids = list(prompt) if prompt and all(isinstance(t, int) for t in prompt) else self.encode(prompt)
+        gamma = self.default_gamma if gamma is None else gamma
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         draft = self.draft if use_draft else None
         mask_policy = self.resolve_policy(draft is not None, policy, **policy_options)
         mapping = self.calibration.get(mask_policy.granularity)
         stats = stats if stats is not None else GenerationStats()
+        stats.precision = self.target.precision
+        if draft is not None and draft.precision != self.target.precision:
+            stats.precision = f"target {self.target.precision}; draft {draft.precision}"
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this engine is already generating; run one request at a time (or load another engine)")
         try:
@@ -208,6 +221,7 @@ def load(
     calibration: str | Path | None = "auto",
     quantized: bool = False,
     offline: bool | None = None,
+    threads: int | None = None,
 ) -> Engine:
     """Load a target and optionally a draft for speculation.
 
@@ -219,7 +233,8 @@ def load(
     in milliseconds rather than after loading gigabytes. `policy` is the default mask policy
     (sts with a draft). `calibration`: "auto" uses the pair's file from `python -m
     sts_edge.calibrate` when it exists (proportional maps otherwise), a path must exist and fit
-    the pair, None ignores calibration.
+    the pair, None ignores calibration. `threads`: a CPU backend's threads (default: one per physical
+    core; STS_EDGE_THREADS or OMP_NUM_THREADS set it too).
     """
     backend = resolve_backend(backend)
     model = resolve_model(model, quantized=quantized, offline=offline)
@@ -240,12 +255,12 @@ def load(
     # Every setting that config.json can check is checked before gigabytes of weights are read.
     capacity = default_capacity(configs[model], max_seq_len)
     (policy or default_policy(draft is not None, capacity)).check_model(configs[model], capacity)
-    target_model = load_model(model, backend, max_seq_len=capacity, dtype=dtype)
+    target_model = load_model(model, backend, max_seq_len=capacity, dtype=dtype, threads=threads)
     draft_model = None
     maps: dict[str, LayerHeadMap] = {}
     if draft is not None:
         maps = _calibration_maps(model, draft, configs[model], configs[draft], calibration)
-        draft_model = load_model(draft, backend, max_seq_len=target_model.capacity, dtype=dtype)
+        draft_model = load_model(draft, backend, max_seq_len=target_model.capacity, dtype=dtype, threads=threads)
     return Engine(target_model, tokenizer, draft_model, backend, policy, maps)
 
 

@@ -114,6 +114,7 @@ class CausalLM(Protocol):
 
     config: ModelConfig
     capacity: int  # positions the KV cache can hold
+    precision: str  # e.g. "int4 weights, float32 activations, 2 threads": for the stats line
 
     @property
     def length(self) -> int:
@@ -166,6 +167,7 @@ class BackendModel:
     def __init__(self, config: ModelConfig, capacity: int):
         self.config, self.capacity = config, capacity
         self._length = 0
+        self.precision = ""  # what the stats line says of the weights, activations and threads
 
     @property
     def length(self) -> int:
@@ -285,14 +287,17 @@ def load_model(
     *,
     max_seq_len: int | None = None,
     dtype: str | None = None,
+    threads: int | None = None,
 ) -> CausalLM:
     """Load a model directory on a backend, with a KV cache of `max_seq_len` positions.
 
     `max_seq_len` defaults to the model's max_position_embeddings capped at 8192. `dtype` defaults
-    to the backend's natural choice (bfloat16 on a GPU, float32 on a CPU).
+    to the backend's natural choice (bfloat16 on a GPU; on a CPU bfloat16 where it multiplies it
+    natively, else float32). `threads`: the CPU's intra-op threads (default: STS_EDGE_THREADS, else
+    one per physical core, unless OMP_NUM_THREADS is set).
     """
     name = resolve_backend(backend)
     config = ModelConfig.from_model_dir(model_dir)
     module = importlib.import_module(BACKENDS[name][0])
     return module.load_model(Path(model_dir), config, device=name, max_seq_len=default_capacity(config, max_seq_len),
-                             dtype=dtype)
+                             dtype=dtype, threads=threads)

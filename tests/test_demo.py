@@ -65,9 +65,17 @@ def test_missing_part_names_the_install_command():
 
 @pytest.fixture(scope="module")
 def pair():
+    """The default pair: 4-bit (mlx-lm's format), converted from the GGUF files on first use."""
     from sts_edge.models import resolve_model
 
     return resolve_model(DEFAULT_TARGET), resolve_model(DEFAULT_DRAFT)
+
+
+@pytest.fixture(scope="module")
+def bf16_pair():
+    from sts_edge.models import resolve_model
+
+    return resolve_model(f"{DEFAULT_TARGET}-bf16"), resolve_model(f"{DEFAULT_DRAFT}-bf16")
 
 
 def emma_ids(tokenizer, n):
@@ -77,7 +85,7 @@ def emma_ids(tokenizer, n):
 
 @needs_demo
 @pytest.mark.parametrize("role", ["target", "draft"])
-def test_converted_gguf_matches_transformers_gguf_loading(pair, role):
+def test_converted_gguf_matches_transformers_gguf_loading(bf16_pair, role):
     """transformers dequantises the same GGUF itself; rounded to our bfloat16 storage, logits agree."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +93,7 @@ def test_converted_gguf_matches_transformers_gguf_loading(pair, role):
     from sts_edge.backend import load_model
     from sts_edge.tokenizer import Tokenizer
 
-    model_dir = pair[0] if role == "target" else pair[1]
+    model_dir = bf16_pair[0] if role == "target" else bf16_pair[1]
     gguf_dir = model_dir.parent
     gguf_name = f"{demo.DEMO_MODELS[DEFAULT_TARGET if role == 'target' else DEFAULT_DRAFT].name}.gguf"
     gguf_path = demo.assemble(demo.DEMO_MODELS[DEFAULT_TARGET if role == "target" else DEFAULT_DRAFT], gguf_dir / gguf_name)
@@ -114,6 +122,25 @@ def test_converted_gguf_matches_transformers_gguf_loading(pair, role):
     # MLX on a Linux CPU multiplies slowly (no BLAS), so it checks a 32-token prefix.
     mlx_model = load_model(model_dir, "mlx", max_seq_len=64)
     np.testing.assert_allclose(mlx_model.verify(ids[:32]).logits(), expected[:32], atol=2e-3)
+
+
+@needs_demo
+def test_the_default_pair_is_4_bit_close_to_bfloat16_and_both_backends_agree(pair, bf16_pair):
+    """The 4-bit target against its bfloat16 conversion: close, not equal; MLX (quantized layers) and
+    PyTorch's CPU path (decoded at load) agree on the same directory."""
+    import json
+
+    from sts_edge.backend import load_model
+    from sts_edge.tokenizer import Tokenizer
+
+    assert json.loads((pair[0] / "config.json").read_text())["quantization"]["bits"] == 4
+    ids = emma_ids(Tokenizer(pair[0]), 64)
+    quantized = load_model(pair[0], "torch-cpu", max_seq_len=80).verify(ids).logits()
+    reference = load_model(bf16_pair[0], "torch-cpu", max_seq_len=80).verify(ids).logits()
+    assert (quantized.argmax(-1) == reference.argmax(-1)).mean() > 0.8
+    assert 0 < np.abs(quantized - reference).mean() < 0.1 * np.abs(reference).mean()
+    in_mlx = load_model(pair[0], "mlx", max_seq_len=40).verify(ids[:32]).logits()
+    np.testing.assert_allclose(in_mlx, quantized[:32], atol=2e-3)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from sts_edge.backends.mlx.selection import LayerSets
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationPlan, units
-from sts_edge.memory import process_peak, reset_process_peak
+from sts_edge.host import process_peak, reset_process_peak
 from sts_edge.quantization import module_settings
 from sts_edge.sampling import SamplingParams
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
@@ -35,6 +35,9 @@ class MLXModel(BackendModel):
         self.model = model
         c = model.config
         self.caches = [KVCache(c.num_key_value_heads, capacity, c.head_dim, dtype) for _ in range(c.num_hidden_layers)]
+        bits = sorted({m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)})
+        name = str(dtype).removeprefix("mlx.core.")
+        self.precision = f"{'+'.join(f'int{b}' for b in bits) or name} weights, {name} activations"
 
     def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
                  plan: VerificationPlan | None = None, draft_scores: ScoreBuffer | None = None,
@@ -75,7 +78,8 @@ def peak_memory(device: str) -> tuple[int, str]:
     return process_peak(), "process RSS"
 
 
-def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> MLXModel:
+def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None,
+               threads: int | None = None) -> MLXModel:
     if dtype is None:
         # Half precision on Apple GPUs; the CPU build (Linux) runs float32 for exact agreement.
         dtype = ("float16" if config.torch_dtype == "float16" else "bfloat16") if metal_available() else "float32"

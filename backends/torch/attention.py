@@ -89,7 +89,28 @@ def dense_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
     """
     n = q.shape[1]
     mask = None if n == 1 else causal_block_mask(start, n, q.device)
+    if q.device.type == "cpu" and n <= GROUPED_ROWS:
+        return grouped_attend(q, keys, values, mask)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[0] != keys.shape[0])
+
+
+# On the CPU, PyTorch's attention with grouped query heads takes its reference (math) path, which
+# repeats the keys and values for every query head; decode-sized blocks multiply each KV head's
+# rows with all of its query heads' rows at once instead (benchmarks/README.md, "The CPU path").
+GROUPED_ROWS = 16
+
+
+def grouped_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [heads, n, head_dim] over keys/values [units, length, head_dim] (each unit serving
+    heads / units query heads), `mask` [n, length] what each query row sees: [heads, n, head_dim]."""
+    heads, n, head_dim = q.shape
+    units, length = keys.shape[0], keys.shape[1]
+    group = heads // units
+    logits = (q.reshape(units, group * n, head_dim) @ keys.transpose(1, 2)).float() * head_dim**-0.5
+    if mask is not None:
+        logits = logits.masked_fill(~mask.repeat(group, 1), float("-inf"))
+    probs = logits.softmax(dim=-1).to(values.dtype)
+    return (probs @ values).reshape(heads, n, head_dim)
 
 
 def attend_and_score(
@@ -149,4 +170,6 @@ def sparse_attend(
     v = cache_v.reshape(kv_heads * capacity, head_dim)[rows]
     mask = torch.ones(n, kept + n, dtype=torch.bool, device=q.device)
     mask[:, kept:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    if q.device.type == "cpu" and n <= GROUPED_ROWS:
+        return grouped_attend(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=units != heads)

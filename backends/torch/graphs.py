@@ -55,7 +55,7 @@ class DecodeGraphs:
     def accepts(self, start: int, n: int, plan: VerificationPlan | None, draft_scores: ScoreBuffer | None) -> bool:
         """Whether this forward replays a graph: decode-sized on the kernel path, and for a sparse
         plan one whose sets have a fixed shape (sts, integer budget, one set per KV head)."""
-        weight = self.model.embed_tokens.weight  # a graph replays the kernel path: only where it runs
+        weight = self.model.norm.weight  # a graph replays the kernel path: only where it runs
         if not (use_kernels(weight.device, weight.dtype, n, self.model.config.head_dim) and 0 < start
                 and start <= self.bound(start, n)):
             return False

@@ -6,21 +6,29 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sts_edge.backend import BackendModel, ScoreSpec, VerificationObserver
 from sts_edge.backends.torch.attention import ScoreBuffer
 from sts_edge.backends.torch.graphs import DecodeGraphs
 from sts_edge.backends.torch.model import Reads, Transformer
+from sts_edge.backends.torch.quantized import Int4PackWeight, QuantizedLinear, int4pack_readable, swap_in_quantized
 from sts_edge.backends.torch.sampling import TorchDistributions
 from sts_edge.backends.torch.selection import LayerSets
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationPlan, units
-from sts_edge.memory import process_peak, reset_process_peak
+from sts_edge.host import cpu_threads, map_large_allocations, process_peak, release_freed_memory, reset_process_peak
 from sts_edge.quantization import dequantize, module_settings
 from sts_edge.sampling import SamplingParams
 from sts_edge.weights import check_complete, checkpoint_files, internal_name
+
+try:  # the GPU's quantized matrix product (Triton)
+    from sts_edge.triton_kernels.quantized_matmul import BITS as QUANTIZED_BITS
+    from sts_edge.triton_kernels.quantized_matmul import GROUP_SIZES as QUANTIZED_GROUP_SIZES
+except ImportError:
+    QUANTIZED_BITS = QUANTIZED_GROUP_SIZES = ()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,12 +39,19 @@ class TorchModel(BackendModel):
     def __init__(self, model: Transformer, capacity: int):
         super().__init__(model.config, capacity)
         self.model = model
-        self.device = model.embed_tokens.weight.device
+        self.device = model.norm.weight.device
         self._score_buffers: dict[ScoreSpec, ScoreBuffer] = {}  # reused by every round: graphs keep their pointers
         self._eager_reasons: set[str] = set()
         model.prepare_decoding(capacity)
         # Decode-sized forwards replay CUDA graphs on a GPU (STS_EDGE_CUDA_GRAPHS=0 turns them off).
-        self.graphs = DecodeGraphs(model, capacity) if os.environ.get("STS_EDGE_CUDA_GRAPHS", "1") != "0" else None
+        graphs = self.device.type == "cuda" and os.environ.get("STS_EDGE_CUDA_GRAPHS", "1") != "0"
+        self.graphs = DecodeGraphs(model, capacity) if graphs else None
+        bits = sorted({m.bits for m in model.modules() if isinstance(m, QuantizedLinear) and m.packed is not None})
+        dtype = str(model.norm.weight.dtype).removeprefix("torch.")
+        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        products = " (bfloat16 products)" if self.device.type == "cpu" and dtype != "bfloat16" and any(
+            isinstance(m, QuantizedLinear) and isinstance(m.packed, Int4PackWeight) for m in model.modules()) else ""
+        self.precision = f"{'+'.join(f'int{b}' for b in bits) or dtype} weights{products}, {dtype} activations{threads}"
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
@@ -105,11 +120,28 @@ def auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "torch-cpu"
 
 
-def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None) -> TorchModel:
+def cpu_dtype() -> str:
+    """bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX), float32 elsewhere, where
+    bfloat16 matrix products and attention are emulated and several times slower than float32
+    ones (4-bit layers still multiply in bfloat16 there: see Int4PackWeight). STS_EDGE_CPU_DTYPE
+    overrides."""
+    if os.environ.get("STS_EDGE_CPU_DTYPE"):
+        return os.environ["STS_EDGE_CPU_DTYPE"]
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native else "float32"
+
+
+def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None,
+               threads: int | None = None) -> TorchModel:
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
+    if device != "cuda":
+        count = cpu_threads(threads)
+        if count is not None:
+            torch.set_num_threads(count)
+        map_large_allocations()
     if dtype is None:
-        # bfloat16 halves memory traffic on GPUs; CPUs run float32 matmuls faster and exactly.
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        # bfloat16 halves memory traffic on GPUs; on CPUs it depends on the instruction set.
+        dtype = "bfloat16" if device == "cuda" else cpu_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -130,11 +162,12 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
             with safe_open(str(path), framework="pt") as checkpoint:
                 tensor = checkpoint.get_tensor(name)
             state[mapped] = tensor.to(device=torch_device, dtype=torch_dtype) if tensor.is_floating_point() else tensor
-    _dequantize_in_place(state, config, torch_device, torch_dtype)
+    kept = _quantized_modules(state, config, torch_device, torch_dtype)
     check_complete(set(state), config, model_dir)
 
     with torch.device("meta"):
         model = Transformer(config)
+    swap_in_quantized(model, kept)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:  # shape mismatches: config.json and weights disagree
@@ -142,17 +175,46 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
     # The model holds the weights now. Dropping the dict's references lets prepare_decoding stack
     # the projections one layer at a time instead of keeping a second copy of them all.
     del state
-    return TorchModel(model.eval(), max_seq_len)
+    loaded = TorchModel(model.eval(), max_seq_len)
+    if device != "cuda":
+        release_freed_memory()
+    return loaded
 
 
-def _dequantize_in_place(state: dict[str, torch.Tensor], config: ModelConfig, device: torch.device,
-                         dtype: torch.dtype) -> None:
-    """Replace each quantized `X.weight` (with `X.scales`, `X.biases`) by its decoded float weight."""
+def keeps_packed(device: torch.device, dtype: torch.dtype, module: str, bits: int, group_size: int, inputs: int,
+                 outputs: int, tied: bool) -> bool:
+    """Whether a quantized layer stays packed rather than decoded at load: on a GPU wherever our
+    kernel reads it; on the CPU where PyTorch's int4 kernel does (the embedding table is decoded row
+    by row as it is looked up, and needs the kernel only as a tied LM head)."""
+    if device.type == "cuda":
+        return bits in QUANTIZED_BITS and group_size in QUANTIZED_GROUP_SIZES
+    if module == "embed_tokens" and not tied:
+        return bits in (4, 8)
+    return int4pack_readable(device, bits, group_size, inputs, outputs, dtype)
+
+
+def _quantized_modules(state: dict[str, torch.Tensor], config: ModelConfig, device: torch.device,
+                       dtype: torch.dtype) -> dict[str, tuple[int, int]]:
+    """Keep each quantized layer (`X.weight` packed, `X.scales`, `X.biases`) packed where a kernel
+    reads its format (`keeps_packed`), and decode the others to `dtype` in place; returns {path:
+    (group_size, bits)} of those kept."""
+    kept = {}
     for scales_name in [name for name in state if name.endswith(".scales")]:
         module = scales_name.removesuffix(".scales")
         settings = module_settings(config.extra, module)
         if settings is None:
             raise ModelLoadError(f"{module} is quantized but config.json has no 'quantization' block")
-        packed, scales, biases = state.pop(module + ".weight"), state.pop(scales_name), state.pop(module + ".biases")
-        decoded = dequantize(packed.numpy(), scales.float().numpy(), biases.float().numpy(), *settings)
+        packed = state[module + ".weight"]
+        if packed.dtype not in (torch.uint32, torch.int32):
+            raise ModelLoadError(f"{module}.weight has scales but is {packed.dtype}, not packed uint32")
+        group_size, bits = settings
+        outputs, inputs = packed.shape[0], packed.shape[1] * 32 // bits
+        if keeps_packed(device, dtype, module, bits, group_size, inputs, outputs, config.tie_word_embeddings):
+            state[module + ".weight"] = packed.view(torch.int32).to(device)
+            kept[module] = settings
+            continue
+        scales, biases = state.pop(scales_name), state.pop(module + ".biases")
+        decoded = dequantize(state.pop(module + ".weight").view(torch.int32).numpy().view(np.uint32),
+                             scales.float().cpu().numpy(), biases.float().cpu().numpy(), group_size, bits)
         state[module + ".weight"] = torch.from_numpy(decoded).to(device=device, dtype=dtype)
+    return kept

@@ -15,6 +15,7 @@ from torch import nn
 
 from sts_edge.backend import VerificationObserver
 from sts_edge.backends.torch.attention import ScoreBuffer, attend, use_kernels
+from sts_edge.backends.torch.quantized import QuantizedEmbedding, QuantizedLinear, fuse_quantized
 from sts_edge.backends.torch.selection import LayerSets
 from sts_edge.config import ModelConfig
 
@@ -88,11 +89,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.cache: KVCache | None = None
-        self.qkv_weight: torch.Tensor | None = None  # [q; k; v] (fuse_projections)
-        self.qkv_bias: torch.Tensor | None = None
+        self.qkv: nn.Module | None = None  # [q; k; v] as one product (fuse_projections)
 
     def fuse_projections(self) -> None:
-        self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv = fuse_layers(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor,
                 reads: Reads = PLAIN, bound: int | None = None, kernels: bool = False) -> torch.Tensor:
@@ -102,12 +102,14 @@ class Attention(nn.Module):
         if kernels:  # one matrix product for q, k, v; one kernel for the norms, rotation, cache write
             norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps) \
                 if hasattr(self, "q_norm") else {}
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = self.qkv(x)
             q = rope_and_cache(qkv, cos, sin, self.cache.k, self.cache.v, start, self.n_heads, **norms)
         else:
-            q = self.q_proj(x).view(n, self.n_heads, self.head_dim)
-            k = self.k_proj(x).view(n, self.n_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
+            q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                         self.n_kv_heads * self.head_dim], dim=-1)
+            q = q.reshape(n, self.n_heads, self.head_dim)
+            k = k.reshape(n, self.n_kv_heads, self.head_dim)
+            v = v.reshape(n, self.n_kv_heads, self.head_dim)
             if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
                 q, k = self.q_norm(q), self.k_norm(k)
             q = apply_rope(q.transpose(0, 1), cos, sin)
@@ -127,33 +129,61 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # [gate; up] (fuse_projections)
+        self.gate_up: nn.Module | None = None  # [gate; up] as one product (fuse_projections)
 
     def fuse_projections(self) -> None:
-        self.gate_up_weight, _ = fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_up = fuse_layers(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
         if kernels:
-            return self.down_proj(silu_mul(F.linear(x, self.gate_up_weight)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(silu_mul(self.gate_up(x)))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
-def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) stacking the linears' outputs, so that a decode step reads them in
-    one matrix product instead of several small ones. The linears keep views of it: nothing is
-    stored twice, and their own forwards (the plain path) are unchanged."""
+class StackedLinear(nn.Module):
+    """Several linears' weights stacked into one product; the linears keep views of it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class SeparateLinears(nn.Module):
+    """Linears of different formats (a checkpoint may quantize q, k and v differently): run one by one."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.layers = list(layers)  # not registered again: they are their parents' modules
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in self.layers], dim=-1)
+
+
+def fuse_layers(*layers: nn.Module) -> nn.Module:
+    """One layer stacking the layers' outputs, so that every forward reads them in one matrix product
+    instead of several small ones. Nothing is stored twice: float linears keep views of the stacked
+    weight; quantized ones give theirs up."""
+    if all(isinstance(layer, QuantizedLinear) for layer in layers):
+        fused = fuse_quantized(*layers)
+        return fused if fused is not None else SeparateLinears(*layers)
+    if not all(isinstance(layer, nn.Linear) for layer in layers):
+        return SeparateLinears(*layers)
     with torch.no_grad():
-        weight = torch.cat([linear.weight for linear in linears])
-        has_bias = linears[0].bias is not None
-        bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
+        weight = torch.cat([layer.weight for layer in layers])
+        has_bias = layers[0].bias is not None
+        bias = torch.cat([layer.bias for layer in layers]) if has_bias else None
         row = 0
-        for linear in linears:
-            rows = linear.weight.shape[0]
-            linear.weight.data = weight[row : row + rows]
+        for layer in layers:
+            rows = layer.weight.shape[0]
+            layer.weight.data = weight[row : row + rows]
             if has_bias:
-                linear.bias.data = bias[row : row + rows]
+                layer.bias.data = bias[row : row + rows]
             row += rows
-    return weight, bias
+    return StackedLinear(weight, bias)
 
 
 class Block(nn.Module):
@@ -197,7 +227,12 @@ class Transformer(nn.Module):
     def prepare_decoding(self, capacity: int) -> None:
         """Allocate the KV caches and the rotary tables for `capacity` positions, and fuse the
         projections that the GPU path runs as one matrix product (after the weights are loaded)."""
-        c, weight = self.config, self.embed_tokens.weight
+        c, weight = self.config, self.norm.weight  # the model dtype and device (embeddings may be packed)
+        for module in self.modules():
+            if isinstance(module, QuantizedEmbedding):
+                module.repack(weight.dtype, as_head=c.tie_word_embeddings)
+            elif isinstance(module, QuantizedLinear):  # into the kernel's layout, once
+                module.repack(weight.dtype)
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
@@ -215,7 +250,7 @@ class Transformer(nn.Module):
         draft's score collection, an observer). `start` may be a one-element device tensor, with
         `bound` >= start: the form a CUDA graph captures (GPU kernels only; graphs.py).
         """
-        n, weight = tokens.shape[0], self.embed_tokens.weight
+        n, weight = tokens.shape[0], self.norm.weight
         # Decode-sized blocks on a GPU (and every graph-captured forward) take the Triton kernels,
         # fused norms and projections included; prefill and the CPU take the plain paths.
         kernels = isinstance(start, torch.Tensor) or use_kernels(weight.device, weight.dtype, n, self.config.head_dim)
@@ -232,5 +267,8 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 x = layer(x, cos, sin, start, reads)
             x = self.norm(x if all_logits else x[-1:])
-        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, head)
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(x)
+        if hasattr(self.embed_tokens, "as_linear"):  # quantized embeddings
+            return self.embed_tokens.as_linear(x)
+        return F.linear(x, self.embed_tokens.weight)

@@ -1,0 +1,155 @@
+"""The PyTorch CPU path: threads, the activation dtype, quantized weights through PyTorch's CPU kernel."""
+
+import numpy as np
+import pytest
+
+from sts_edge.backend import load_model
+from sts_edge.sampling import GREEDY
+from sts_edge.speculative import GenerationStats, generate_tokens
+
+
+def test_threads_default_to_physical_cores(monkeypatch):
+    from sts_edge import host
+
+    monkeypatch.delenv("STS_EDGE_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(host, "physical_cores", lambda: 3)
+    assert host.cpu_threads() == 3
+    assert host.cpu_threads(5) == 5
+    monkeypatch.setenv("STS_EDGE_THREADS", "7")
+    assert host.cpu_threads() == 7
+    monkeypatch.delenv("STS_EDGE_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert host.cpu_threads() is None  # the framework honours OMP_NUM_THREADS itself
+    with pytest.raises(ValueError, match="threads"):
+        host.cpu_threads(0)
+
+
+def test_physical_cores_counts_cores_not_hyper_threads(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from sts_edge import host
+
+    cpuinfo = "".join(f"processor\t: {i}\nphysical id\t: {i // 4}\ncore id\t\t: {(i // 2) % 2}\n\n" for i in range(8))
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: cpuinfo if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert host.physical_cores() == 4  # 2 packages x 2 cores, each with 2 hyper-threads
+
+
+def test_a_loaded_cpu_model_uses_the_threads_it_was_given(model_dirs):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        model = load_model(model_dirs["smollm2"], "torch-cpu", max_seq_len=32, threads=1)
+        assert torch.get_num_threads() == 1 and model.precision.endswith("1 threads")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_activation_dtype_follows_the_instruction_set(monkeypatch):
+    import torch
+
+    from sts_edge.backends.torch import loader
+
+    monkeypatch.delenv("STS_EDGE_CPU_DTYPE", raising=False)
+    for bf16, amx, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert loader.cpu_dtype() == expected
+    monkeypatch.setenv("STS_EDGE_CPU_DTYPE", "float32")
+    assert loader.cpu_dtype() == "float32"
+
+
+@pytest.fixture(scope="module")
+def quantized_pair(model_dirs, draft_dir, tmp_path_factory):
+    """The llama3 fixture and its draft in 4 bits, and the target in 8 bits too."""
+    from sts_edge.conversion import quantize_model
+    from sts_edge.quantization import Quantization
+
+    root = tmp_path_factory.mktemp("cpu-quantized")
+    return {"int4": quantize_model(model_dirs["llama3"], root / "t4", Quantization(4, 32), progress=False),
+            "int8": quantize_model(model_dirs["llama3"], root / "t8", Quantization(8, 32), progress=False),
+            "draft": quantize_model(draft_dir, root / "d4", Quantization(4, 32), progress=False)}
+
+
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_cpu_path_matches_the_decoded_weights(bits, dtype, quantized_pair):
+    """4-bit layers run packed through PyTorch's CPU int4 kernel (8-bit ones are decoded at load:
+    PyTorch's CPU int8 kernel takes one scale per output, not groups with biases);
+    the reference is the same directory decoded to float32 in numpy (the loader's other path)."""
+    import torch
+
+    from sts_edge.backends.torch import loader
+    from sts_edge.backends.torch.quantized import Int4PackWeight, QuantizedLinear
+
+    ids = np.random.default_rng(0).integers(3, 300, 24).tolist()
+    model = load_model(quantized_pair[bits], "torch-cpu", max_seq_len=64, dtype=dtype)
+    layer = model.model.layers[0].mlp.gate_up
+    if bits == "int4":
+        assert isinstance(layer, QuantizedLinear) and isinstance(layer.packed, Int4PackWeight)
+        assert "int4 weights" in model.precision
+    else:
+        assert not isinstance(layer, QuantizedLinear)
+    got = model.verify(ids).logits()
+    real = loader.keeps_packed
+    try:
+        loader.keeps_packed = lambda *args: False  # every layer decoded at load: the reference
+        want = load_model(quantized_pair[bits], "torch-cpu", max_seq_len=64, dtype="float32").verify(ids).logits()
+    finally:
+        loader.keeps_packed = real
+    if bits == "int8" and dtype == "float32":  # the same decoded weights, the same arithmetic
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+    # PyTorch's CPU int4 kernel multiplies in bfloat16 (float32 models cast its inputs), and int8
+    # layers decoded to bfloat16 round too: close by norm and by choice, not to float32 precision.
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.03
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    if bits == "int4":
+        assert ("bfloat16 products" in model.precision) == (dtype == "float32")
+    assert torch.get_num_threads() >= 1
+
+
+def test_speculative_greedy_on_the_quantized_cpu_path_equals_the_targets_greedy(quantized_pair):
+    target = load_model(quantized_pair["int4"], "torch-cpu", max_seq_len=128)
+    draft = load_model(quantized_pair["draft"], "torch-cpu", max_seq_len=128)
+    prompt = np.random.default_rng(4).integers(3, 300, 30).tolist()
+    alone = list(generate_tokens(target, prompt, GREEDY, 20))
+    for gamma in (1, 4):
+        stats = GenerationStats()
+        assert list(generate_tokens(target, prompt, GREEDY, 20, draft=draft, gamma=gamma, stats=stats)) == alone
+        assert stats.rounds < 20
+
+
+def test_grouped_attention_equals_sdpa_on_the_cpu():
+    """The CPU's decode-sized attention (each KV head's rows with all of its query heads at once)
+    against PyTorch's own attention, causal block and index sets included."""
+    import torch
+    import torch.nn.functional as F
+
+    from sts_edge.backends.torch.attention import causal_block_mask, grouped_attend
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(8, 5, 16, generator=gen), torch.randn(2, 40, 16, generator=gen), torch.randn(2, 40, 16, generator=gen)
+    mask = causal_block_mask(35, 5, q.device)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 0), v.repeat_interleave(4, 0), attn_mask=mask)
+    torch.testing.assert_close(grouped_attend(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
+    want = F.scaled_dot_product_attention(q[:, :1], k.repeat_interleave(4, 0), v.repeat_interleave(4, 0))
+    torch.testing.assert_close(grouped_attend(q[:, :1], k, v, None), want, atol=1e-5, rtol=1e-5)
+
+
+def test_speculation_on_the_cpu_defaults_to_two_draft_tokens(model_dirs, draft_dir):
+    """PyTorch's CPU int4 kernel works in tiles of 4 rows, so verification blocks stay within
+    3 rows unless the caller asks for more; other backends keep 4."""
+    from sts_edge import api
+
+    engine = api.load(model_dirs["llama3"], draft_dir, backend="torch-cpu", max_seq_len=64)
+    assert engine.default_gamma == 2
+    stats = GenerationStats()
+    engine.generate(list(range(3, 20)), max_tokens=6, stats=stats)
+    assert stats.gamma == 2
+    engine.generate(list(range(3, 20)), max_tokens=6, stats=stats, gamma=3)
+    assert stats.gamma == 3
+    engine.backend = "cuda"
+    assert engine.default_gamma == 4
