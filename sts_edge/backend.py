@@ -168,6 +168,7 @@ class BackendModel:
         self.config, self.capacity = config, capacity
         self._length = 0
         self.precision = ""  # what the stats line says of the weights, activations and threads
+        self.prefill_chunk = PREFILL_CHUNK  # a backend short of memory sets less
 
     @property
     def length(self) -> int:
@@ -181,8 +182,8 @@ class BackendModel:
     def prefill(self, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> Distributions:
         if not tokens:
             raise ValueError("prefill needs at least one token")
-        for begin in range(0, len(tokens), PREFILL_CHUNK):
-            logits = self._step(tokens[begin : begin + PREFILL_CHUNK], last_only=True)
+        for begin in range(0, len(tokens), self.prefill_chunk):
+            logits = self._step(tokens[begin : begin + self.prefill_chunk], last_only=True)
         return self._distributions(logits, sampling, None)
 
     def verify(self, block: Sequence[int], sampling: SamplingParams = GREEDY, plan: VerificationPlan | None = None,

