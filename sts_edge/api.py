@@ -94,9 +94,8 @@ class Engine:
     @property
     def default_gamma(self) -> int:
         """Draft tokens per round when a call does not say: 4, and 2 on the PyTorch CPU backend,
-        whose int4 kernel works in tiles of 4 rows: a 5-row verification block costs about 2.6
-        single-token steps there, 4 rows 1.4, 2 rows 1.1, and gamma 2 measured faster than 3 and 4
-        on the demo pair (benchmarks/README.md)."""
+        whose int4 kernel works in tiles of 4 rows, so that a block of more than 4 costs about
+        twice a single-token step; gamma 2 measured fastest on the demo pair (benchmarks/README.md)."""
         return 2 if self.backend == "torch-cpu" else 4
 
     def encode(self, prompt: Prompt) -> list[int]:

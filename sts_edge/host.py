@@ -71,8 +71,7 @@ def map_large_allocations(threshold: int = 16 << 20) -> None:
     """Give every allocation of `threshold` bytes or more its own mapping, returned to the OS when
     freed (glibc; elsewhere nothing to do). Loading a model frees many large transients (a layer's
     checkpoint layout once it is repacked), and glibc's default threshold rises as such blocks are
-    freed, so that later ones land in its heap and stay resident: loading the 4-bit demo target on
-    the CPU peaked at 3.2 GB for 1.4 GB of tensors, 2.0 GB with this."""
+    freed, so that later ones land in its heap and stay resident (benchmarks/README.md, the CPU path)."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD; fixing it stops the rise
     except (OSError, AttributeError):

@@ -54,9 +54,9 @@ class TorchModel(BackendModel):
             and m.packed.scales_and_zeros.dtype == torch.bfloat16 for m in model.modules()) else ""
         self.precision = f"{'+'.join(f'int{b}' for b in bits) or dtype} weights{products}, {dtype} activations{threads}"
         if self.device.type == "cpu":
-            # Half the default: on a 4096-token prompt that lowered the demo pair's peak resident
-            # memory by 0.2 GB (a chunk's activations and attention weights), and prefill measured
-            # no slower (the CPU's products are as fast per row at 128 rows as at 512).
+            # Half the default: a chunk's activations and attention weights are a visible share of
+            # the demo pair's peak resident memory, and the CPU's products are no faster per row
+            # at 512 rows than at 256 (benchmarks/README.md, the CPU path).
             self.prefill_chunk = PREFILL_CHUNK // 2
 
     @torch.inference_mode()
@@ -145,8 +145,8 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
         if count is not None:
             torch.set_num_threads(count)
         map_large_allocations()
-    # PyTorch's CPU int4 kernel's float32 path is a plain loop, 5-40x slower than its bfloat16 one
-    # even where bfloat16 is emulated (AVX2): unless a dtype is passed (float32 then means exact
+    # PyTorch's CPU int4 kernel's float32 path is a plain loop, several times slower than its
+    # bfloat16 one even where bfloat16 is emulated (AVX2; benchmarks/README.md): unless a dtype is passed (float32 then means exact
     # products, what tests comparing with references ask for), 4-bit layers multiply in bfloat16.
     products = torch.bfloat16 if device != "cuda" and dtype is None else None
     if dtype is None:

@@ -81,8 +81,7 @@ class Int4PackWeight:
 def cpu_int4_kernel_agrees(dtype: torch.dtype) -> bool:
     """Whether PyTorch's CPU int4 kernel computes mlx-lm's rule on this machine, checked once on a
     small random layer against the decoded weight. Its packing differs across PyTorch versions and
-    instruction sets (one H200 host's AVX-512 CPU with PyTorch 2.11 gave unrelated numbers where
-    2.13 on AVX2 agrees), so a disagreement decodes the layers at load instead: slower, not wrong."""
+    instruction sets, so a disagreement decodes the layers at load instead: slower, not wrong."""
     gen = torch.Generator().manual_seed(0)
     outputs, inputs, group = 64, 256, 64
     words = torch.randint(-2**31, 2**31 - 1, (outputs, inputs // 8), dtype=torch.int32, generator=gen)
