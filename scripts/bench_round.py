@@ -30,6 +30,7 @@ from sts_edge.backend import ScoreSpec
 from sts_edge.backends.torch.graphs import DecodeGraphs
 from sts_edge.backends.torch.loader import TorchModel
 from sts_edge.backends.torch.model import Reads, Transformer
+from sts_edge.backends.torch.quantized_kv import QuantizedKVCache
 from sts_edge.backends.torch.selection import LayerSets, select_sets_at
 from sts_edge.config import ModelConfig
 from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationPlan
@@ -44,10 +45,10 @@ LLAMA_1B = dict(LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_l
                 num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
 
 
-def random_model(raw: dict, capacity: int, quantize=None) -> TorchModel:
+def random_model(raw: dict, capacity: int, quantize=None, kv_bits: int = 16) -> TorchModel:
     """A model of config `raw` with random bf16 weights on the GPU (`quantize`, given the model on the
-    meta device, may put packed layers in first), and a filled cache: random rows, as if the context
-    had been prefilled."""
+    meta device, may put packed layers in first), and a filled cache (`kv_bits` 8 or 4: quantized):
+    random rows, as if the context had been prefilled."""
     config = ModelConfig.from_dict(raw, source="benchmark shape")
     with torch.device("meta"):
         model = Transformer(config).eval()
@@ -60,10 +61,17 @@ def random_model(raw: dict, capacity: int, quantize=None) -> TorchModel:
                 values = torch.empty(tensor.shape, device="cuda", dtype=torch.bfloat16)
                 values = values.fill_(1.0) if name == "weight" and tensor.dim() == 1 else values.normal_(0, 0.02, generator=generator)
                 setattr(module, name, torch.nn.Parameter(values, requires_grad=False) if name in module._parameters else values)
-    lm = TorchModel(model, capacity)
+    lm = TorchModel(model, capacity, kv_bits=kv_bits)
     for layer in model.layers:
-        layer.self_attn.cache.k.normal_()
-        layer.self_attn.cache.v.normal_()
+        cache = layer.self_attn.cache
+        if isinstance(cache, QuantizedKVCache):  # rows of about unit spread, as normal_() gives the others
+            for name in ("k", "v"):
+                getattr(cache, f"{name}_values").random_(0, 256)
+                getattr(cache, f"{name}_scales").fill_(6 / ((1 << kv_bits) - 1))
+                getattr(cache, f"{name}_biases").fill_(-3.0)
+        else:
+            cache.k.normal_()
+            cache.v.normal_()
     return lm
 
 
@@ -151,17 +159,35 @@ def graphed_round(target: TorchModel, draft: TorchModel, context: int, gamma: in
 
 
 def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: int = 5,
-                modes: tuple[str, ...] = ("runtime", "eager", "device")) -> list[dict]:
+                modes: tuple[str, ...] = ("runtime", "eager", "device"), draft_kv_bits: tuple[int, ...] = (16,)) -> list[dict]:
     capacity = max(contexts) + 64
     target = random_model(LLAMA_8B, capacity)
-    draft = random_model(LLAMA_1B, capacity)
+    rows = []
+    for kv_bits in draft_kv_bits:
+        draft = random_model(LLAMA_1B, capacity, kv_bits=kv_bits)
+        rows += _rounds(target, draft, contexts, gamma, budget, rounds, modes, kv_bits)
+        del draft
+        torch.cuda.empty_cache()
+    # The issue's comparison: each round against dense speculative decoding with the bf16 draft cache.
+    for row in rows:
+        base = next((r for r in rows if r["context"] == row["context"] and r["method"] == "dense speculative"
+                     and r["draft_kv_bits"] == 16), None)
+        for mode in modes:
+            if base is not None:
+                row[mode]["speedup_vs_dense_bf16_draft"] = base[mode]["round_ms"] / row[mode]["round_ms"]
+    return rows
+
+
+def _rounds(target: TorchModel, draft: TorchModel, contexts: list[int], gamma: int, budget: int, rounds: int,
+            modes: tuple[str, ...], kv_bits: int) -> list[dict]:
     policy = MaskPolicy("sts", budget=budget, sink=4, window=64)
     sparsity = VerificationPlan(policy, LayerHeadMap.proportional(target.config, draft.config, policy.granularity))
     rows = []
     with torch.inference_mode():
         for context in contexts:
             for name, sparse in (("dense speculative", None), ("sts", sparsity)):
-                row = {"context": context, "method": name, "gamma": gamma, "budget": budget if sparse else None}
+                row = {"context": context, "method": name, "gamma": gamma, "budget": budget if sparse else None,
+                       "draft_kv_bits": kv_bits}
                 graphs = target.graphs, draft.graphs
                 for mode in modes:
                     if mode == "device":
@@ -174,7 +200,7 @@ def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: 
                         phases = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                         target.graphs, draft.graphs = graphs
                     row[mode] = {**phases, "round_ms": sum(phases.values())}
-                    print(f"round ctx {context:>6} {name:>17} {mode:>8}: draft {phases['draft_ms']:6.2f} ms, "
+                    print(f"round ctx {context:>6} {name:>17} kv{kv_bits:<2} {mode:>8}: draft {phases['draft_ms']:6.2f} ms, "
                           f"select {phases['select_ms']:5.2f} ms, verify {phases['verify_ms']:6.2f} ms, "
                           f"round {row[mode]['round_ms']:6.2f} ms", flush=True)
                 rows.append(row)
@@ -191,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--modes", default="runtime,eager,device", help="which timings (see above)")
+    parser.add_argument("--draft-kv-bits", default="16", help="the draft cache's precisions, comma separated, of 16,8,4")
     parser.add_argument("--out", help="JSON output (default: print only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_round.py needs a CUDA GPU", file=sys.stderr)
         return 1
     rows = bench_round([int(c) for c in args.contexts.split(",")], args.gamma, args.budget,
-                       modes=tuple(args.modes.split(",")))
+                       modes=tuple(args.modes.split(",")), draft_kv_bits=tuple(int(b) for b in args.draft_kv_bits.split(",")))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**run_header(), "round": rows}, f, indent=1)

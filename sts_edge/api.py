@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from sts_edge.backend import CausalLM, default_capacity, load_model, peak_memory, reset_peak_memory, resolve_backend
+from sts_edge.backend import (KV_BITS, CausalLM, default_capacity, load_model, peak_memory, reset_peak_memory,
+                              resolve_backend)
 from sts_edge.calibration import CalibrationError, default_path, load_mapping
 from sts_edge.config import ModelConfig
 from sts_edge.errors import IncompatibleModelsError, ModelLoadError
@@ -93,10 +94,11 @@ class Engine:
 
     @property
     def default_gamma(self) -> int:
-        """Draft tokens per round when a call does not say: 4, and 2 on the PyTorch CPU backend,
-        whose int4 kernel works in tiles of 4 rows, so that a block of more than 4 costs about
-        twice a single-token step; gamma 2 measured fastest on the demo pair (benchmarks/README.md)."""
-        return 2 if self.backend == "torch-cpu" else 4
+        """Draft tokens per round when a call does not say: 4, and 1 on the PyTorch CPU backend,
+        where a forward's cost grows with its tokens (the products are bound by arithmetic, not
+        by reading the weights, beyond one row) and a draft step costs 0.4 of a target step:
+        gamma 1 measured fastest on the demo pair (benchmarks/README.md, the CPU path)."""
+        return 1 if self.backend == "torch-cpu" else 4
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a plain text prompt, or of chat messages rendered with the chat template."""
@@ -221,6 +223,7 @@ def load(
     quantized: bool = False,
     offline: bool | None = None,
     threads: int | None = None,
+    draft_kv_bits: int = 16,
 ) -> Engine:
     """Load a target and optionally a draft for speculation.
 
@@ -233,8 +236,11 @@ def load(
     (sts with a draft). `calibration`: "auto" uses the pair's file from `python -m
     sts_edge.calibrate` when it exists (proportional maps otherwise), a path must exist and fit
     the pair, None ignores calibration. `threads`: a CPU backend's threads (default: one per physical
-    core; STS_EDGE_THREADS or OMP_NUM_THREADS set it too).
+    core; STS_EDGE_THREADS or OMP_NUM_THREADS set it too). `draft_kv_bits` 8 or 4 quantizes the
+    draft's KV cache (16: the model's dtype); the target's stays exact.
     """
+    if draft_kv_bits not in KV_BITS:
+        raise ValueError(f"draft_kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {draft_kv_bits!r}")
     backend = resolve_backend(backend)
     model = resolve_model(model, quantized=quantized, offline=offline)
     draft = resolve_model(draft, quantized=quantized, offline=offline) if draft is not None else None
@@ -259,7 +265,8 @@ def load(
     maps: dict[str, LayerHeadMap] = {}
     if draft is not None:
         maps = _calibration_maps(model, draft, configs[model], configs[draft], calibration)
-        draft_model = load_model(draft, backend, max_seq_len=target_model.capacity, dtype=dtype, threads=threads)
+        draft_model = load_model(draft, backend, max_seq_len=target_model.capacity, dtype=dtype, threads=threads,
+                                 kv_bits=draft_kv_bits)
     return Engine(target_model, tokenizer, draft_model, backend, policy, maps)
 
 

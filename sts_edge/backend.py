@@ -41,6 +41,10 @@ from sts_edge.mask import VerificationPlan
 from sts_edge.sampling import GREEDY, SamplingParams, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
+# KV cache precisions a backend offers: 16 is the model's own dtype; 8 and 4 are quantized with a
+# scale and a bias per KV_GROUP_SIZE values of head_dim (or per head where head_dim is smaller).
+KV_BITS = (16, 8, 4)
+KV_GROUP_SIZE = 32
 
 # backend name -> (module serving it, what to install when it is missing)
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -289,16 +293,21 @@ def load_model(
     max_seq_len: int | None = None,
     dtype: str | None = None,
     threads: int | None = None,
+    kv_bits: int = 16,
 ) -> CausalLM:
     """Load a model directory on a backend, with a KV cache of `max_seq_len` positions.
 
     `max_seq_len` defaults to the model's max_position_embeddings capped at 8192. `dtype` defaults
     to the backend's natural choice (bfloat16 on a GPU; on a CPU bfloat16 where it multiplies it
     natively, else float32). `threads`: the CPU's intra-op threads (default: STS_EDGE_THREADS, else
-    one per physical core, unless OMP_NUM_THREADS is set).
+    one per physical core, unless OMP_NUM_THREADS is set). `kv_bits` 8 or 4 quantizes the KV
+    cache, group-wise affine along head_dim (for a draft: its precision may change acceptance,
+    never the output); 16 keeps it in the model's dtype.
     """
+    if kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits!r}")
     name = resolve_backend(backend)
     config = ModelConfig.from_model_dir(model_dir)
     module = importlib.import_module(BACKENDS[name][0])
     return module.load_model(Path(model_dir), config, device=name, max_seq_len=default_capacity(config, max_seq_len),
-                             dtype=dtype, threads=threads)
+                             dtype=dtype, threads=threads, kv_bits=kv_bits)

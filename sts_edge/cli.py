@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sts_edge.backend import BACKENDS
+from sts_edge.backend import BACKENDS, KV_BITS
 from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET
 from sts_edge.mask import AGGREGATIONS, GRANULARITIES, POLICIES, MaskPolicy, MaskPolicyError
 from sts_edge.sampling import SamplingParams
@@ -105,10 +105,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="activation, cache and float weight dtype (default: bfloat16 on GPUs, float32 on CPUs "
                         "without native bfloat16). Quantized checkpoints (mlx-lm's 4/8-bit) stay packed on an NVIDIA "
-                        "GPU and in MLX; on the PyTorch CPU path 4-bit layers stay packed and multiply in bfloat16 "
-                        "unless a dtype is given here (float32: exact but several times slower), 8-bit ones are "
-                        "decoded to this dtype at load")
+                        "GPU, in MLX and on the PyTorch CPU path, where by default 4-bit layers round decode-sized "
+                        "activations to int8 (as llama.cpp does); a dtype given here keeps those products exact")
     parser.add_argument("--quantized", action="store_true", help="prefer an alias's 4-bit variant")
+    parser.add_argument("--draft-kv-bits", type=int, choices=KV_BITS, default=16,
+                        help="the draft's KV cache: 16 (the model's dtype), or 8 or 4 bits per value, group-wise "
+                             "affine; the draft's precision may lower acceptance, never change the output (default: 16)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: one per physical core; STS_EDGE_THREADS or OMP_NUM_THREADS set it too)")
     parser.add_argument("--offline", action="store_true", help="use only models already downloaded (as HF_HUB_OFFLINE=1)")
@@ -125,8 +127,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
 
 def add_gamma_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gamma", type=int, default=None,
-                        help=f"draft tokens proposed per speculative round (1-{MAX_GAMMA}; default 4, and 2 on "
-                             "torch-cpu, where verifying more than 4 tokens at once costs twice as much)")
+                        help=f"draft tokens proposed per speculative round (1-{MAX_GAMMA}; default 4, and 1 on "
+                             "torch-cpu, where each token verified costs a share of a step)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict:
@@ -161,4 +163,5 @@ def load_from_args(args: argparse.Namespace):
     check_settings(args)
     return load(args.model, args.draft, backend=args.backend, max_seq_len=args.max_seq_len, dtype=args.dtype,
                 policy=policy_from_args(args), calibration=calibration_from_args(args),
-                quantized=args.quantized, offline=args.offline or None, threads=args.threads)
+                quantized=args.quantized, offline=args.offline or None, threads=args.threads,
+                draft_kv_bits=args.draft_kv_bits)

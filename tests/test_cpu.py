@@ -1,4 +1,5 @@
-"""The PyTorch CPU path: threads, the activation dtype, quantized weights through PyTorch's CPU kernel."""
+"""The PyTorch CPU path: threads, the activation dtype, quantized weights through our CPU kernel
+(cpu_kernels/affine_matmul.cpp) and, where it cannot run, PyTorch's int4 kernel."""
 
 import numpy as np
 import pytest
@@ -64,53 +65,126 @@ def test_activation_dtype_follows_the_instruction_set(monkeypatch):
 
 @pytest.fixture(scope="module")
 def quantized_pair(model_dirs, draft_dir, tmp_path_factory):
-    """The llama3 fixture and its draft in 4 bits, and the target in 8 bits too."""
+    """The llama3 fixture and its draft in 4 bits, the target in 8 bits too, and qwen2 (tied
+    embeddings: the table is the LM head) in 4 bits."""
     from sts_edge.conversion import quantize_model
     from sts_edge.quantization import Quantization
 
     root = tmp_path_factory.mktemp("cpu-quantized")
     return {"int4": quantize_model(model_dirs["llama3"], root / "t4", Quantization(4, 32), progress=False),
             "int8": quantize_model(model_dirs["llama3"], root / "t8", Quantization(8, 32), progress=False),
-            "draft": quantize_model(draft_dir, root / "d4", Quantization(4, 32), progress=False)}
+            "draft": quantize_model(draft_dir, root / "d4", Quantization(4, 32), progress=False),
+            "tied4": quantize_model(model_dirs["qwen2"], root / "q4", Quantization(4, 32), progress=False)}
+
+
+def without_cpu_kernel(monkeypatch) -> None:
+    """Load as on a machine where cpu_kernels/affine_matmul.cpp cannot be built."""
+    from sts_edge.backends.torch import loader, quantized
+
+    monkeypatch.setattr(quantized, "cpu_kernel_reads", lambda *args: False)
+    monkeypatch.setattr(loader, "cpu_kernel_reads", lambda *args: False)
+    monkeypatch.setattr(loader, "cpu_kernel_missing", lambda: "no compiler (a test)")
+
+
+def decoded_reference(directory, ids) -> np.ndarray:
+    """The logits of `directory` with every layer decoded to float32 at load (numpy's decoding)."""
+    from sts_edge.backends.torch import loader
+
+    real = loader.keeps_packed
+    try:
+        loader.keeps_packed = lambda *args: False
+        return load_model(directory, "torch-cpu", max_seq_len=64, dtype="float32").verify(ids).logits()
+    finally:
+        loader.keeps_packed = real
+
+
+def needs_cpu_kernel():
+    from sts_edge.cpu_kernels.affine_matmul import kernel, unavailable_reason
+
+    if kernel() is None:
+        pytest.skip(f"the CPU kernel is unavailable here: {unavailable_reason()}")
 
 
 @pytest.mark.parametrize("bits", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_quantized_cpu_path_matches_the_decoded_weights(bits, dtype, quantized_pair):
-    """4-bit layers run packed through PyTorch's CPU int4 kernel (8-bit ones are decoded at load:
-    PyTorch's CPU int8 kernel takes one scale per output, not groups with biases);
-    the reference is the same directory decoded to float32 in numpy (the loader's other path)."""
+    """4- and 8-bit layers, the tied LM head and the embedding stay packed in the checkpoint's own
+    layout and run through our CPU kernel; the reference is the same directory decoded to float32
+    in numpy at load (the loader's other path)."""
     import torch
 
-    from sts_edge.backends.torch import loader
-    from sts_edge.backends.torch.quantized import Int4PackWeight, QuantizedLinear, cpu_int4_kernel_agrees
+    from sts_edge.backends.torch.quantized import CpuAffineWeight, QuantizedLinear
 
+    needs_cpu_kernel()
     ids = np.random.default_rng(0).integers(3, 300, 24).tolist()
     model = load_model(quantized_pair[bits], "torch-cpu", max_seq_len=64, dtype=dtype)
     layer = model.model.layers[0].mlp.gate_up
-    if bits == "int4" and cpu_int4_kernel_agrees(getattr(torch, dtype)):
-        assert isinstance(layer, QuantizedLinear) and isinstance(layer.packed, Int4PackWeight)
-        assert "int4 weights" in model.precision
-    else:
-        assert not isinstance(layer, QuantizedLinear)
+    assert isinstance(layer, QuantizedLinear) and isinstance(layer.packed, CpuAffineWeight)
+    assert f"{bits} weights, {dtype} activations" in model.precision
     got = model.verify(ids).logits()
-    real = loader.keeps_packed
-    try:
-        loader.keeps_packed = lambda *args: False  # every layer decoded at load: the reference
-        want = load_model(quantized_pair[bits], "torch-cpu", max_seq_len=64, dtype="float32").verify(ids).logits()
-    finally:
-        loader.keeps_packed = real
-    if dtype == "float32":  # asked for: exact products, the same arithmetic as the decoded weights
+    want = decoded_reference(quantized_pair[bits], ids)
+    if dtype == "float32":  # float32 products of the same decoded weights, summed in another order
         np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
     else:  # bfloat16 activations round every layer's output: close, by norm and by choice
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.03
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
-    assert "bfloat16 products" not in model.precision
 
 
-def test_by_default_4_bit_layers_multiply_in_bfloat16_inside_float32_models(quantized_pair, monkeypatch):
-    """With no dtype asked for, a float32 model on a CPU without native bfloat16 runs its 4-bit
-    layers through the int4 kernel's bfloat16 path (its float32 path is a scalar loop)."""
+def test_by_default_4_bit_layers_multiply_int8_rounded_activations(quantized_pair, monkeypatch):
+    """With no dtype asked for, our kernel rounds decode-sized activations of 4-bit layers to int8
+    per group (integer products); prefill-sized blocks and 8-bit layers stay float32."""
+    from sts_edge.backends.torch import loader
+    from sts_edge.backends.torch.quantized import QuantizedLinear
+
+    needs_cpu_kernel()
+    monkeypatch.delenv("STS_EDGE_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(loader, "cpu_dtype", lambda: "float32")
+    ids = np.random.default_rng(0).integers(3, 300, 24).tolist()
+    for name in ("int4", "tied4"):
+        want = decoded_reference(quantized_pair[name], ids)
+        model = load_model(quantized_pair[name], "torch-cpu", max_seq_len=64)
+        assert "int4 weights (int8 activation products), float32 activations" in model.precision
+        layer = model.model.layers[0].mlp.gate_up
+        assert isinstance(layer, QuantizedLinear) and layer.packed.int8_activations
+        if name == "tied4":
+            assert model.model.embed_tokens.head.int8_activations
+        np.testing.assert_allclose(model.verify(ids).logits(), want, atol=2e-4, rtol=2e-4)  # 24 rows: float32 tiles
+        model.rollback(0)
+        model.prefill(ids[:20])
+        got = model.verify(ids[20:]).logits()  # 4 rows: integer products
+        # Each layer rounds its inputs again (about 0.5% of a group's largest value): a few percent in all.
+        assert 0 < np.linalg.norm(got - want[20:]) / np.linalg.norm(want[20:]) < 0.06, name
+        assert (got.argmax(-1) == want[20:].argmax(-1)).mean() >= 0.75, name
+    eight = load_model(quantized_pair["int8"], "torch-cpu", max_seq_len=64)
+    assert "int8 weights, float32 activations" in eight.precision
+
+
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_without_our_kernel_the_cpu_falls_back_to_pytorchs(bits, quantized_pair, monkeypatch):
+    """Where our kernel cannot be built, 4-bit layers run through PyTorch's CPU int4 kernel (8-bit
+    ones are decoded at load: PyTorch's CPU int8 kernel takes one scale per output, not groups with
+    biases), and the stats line says why."""
+    import torch
+
+    from sts_edge.backends.torch.quantized import Int4PackWeight, QuantizedLinear, cpu_int4_kernel_agrees
+
+    without_cpu_kernel(monkeypatch)
+    ids = np.random.default_rng(0).integers(3, 300, 24).tolist()
+    model = load_model(quantized_pair[bits], "torch-cpu", max_seq_len=64, dtype="float32")
+    layer = model.model.layers[0].mlp.gate_up
+    if bits == "int4" and cpu_int4_kernel_agrees(torch.float32):
+        assert isinstance(layer, QuantizedLinear) and isinstance(layer.packed, Int4PackWeight)
+        assert "int4 weights (PyTorch's kernels: no compiler (a test))" in model.precision
+    else:
+        assert not isinstance(layer, QuantizedLinear)
+    np.testing.assert_allclose(model.verify(ids).logits(), decoded_reference(quantized_pair[bits], ids),
+                               atol=2e-4, rtol=2e-4)
+
+
+def test_the_fallback_multiplies_4_bit_layers_in_bfloat16_inside_float32_models(quantized_pair, monkeypatch):
+    """Without our kernel and with no dtype asked for, a float32 model on a CPU without native
+    bfloat16 runs its 4-bit layers through the int4 kernel's bfloat16 path (its float32 path is a
+    scalar loop)."""
     import torch
 
     from sts_edge.backends.torch import loader
@@ -118,27 +192,28 @@ def test_by_default_4_bit_layers_multiply_in_bfloat16_inside_float32_models(quan
 
     if not cpu_int4_kernel_agrees(torch.bfloat16):
         pytest.skip("PyTorch's CPU int4 kernel does not compute mlx-lm's rule here (layers are decoded)")
+    without_cpu_kernel(monkeypatch)
     ids = np.random.default_rng(0).integers(3, 300, 24).tolist()
     want = load_model(quantized_pair["int4"], "torch-cpu", max_seq_len=64, dtype="float32").verify(ids).logits()
     monkeypatch.delenv("STS_EDGE_CPU_DTYPE", raising=False)
     monkeypatch.setattr(loader, "cpu_dtype", lambda: "float32")
     model = load_model(quantized_pair["int4"], "torch-cpu", max_seq_len=64)
-    assert "int4 weights (bfloat16 products), float32 activations" in model.precision
+    assert "int4 weights (bfloat16 products) (PyTorch's kernels" in model.precision
     layer = model.model.layers[0].mlp.gate_up
     assert isinstance(layer, QuantizedLinear) and layer.packed.scales_and_zeros.dtype == torch.bfloat16
     assert model.model.norm.weight.dtype == torch.float32
     got = model.verify(ids).logits()
     assert 0 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.03
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
-    assert torch.get_num_threads() >= 1
 
 
-def test_speculative_greedy_on_the_quantized_cpu_path_equals_the_targets_greedy(quantized_pair):
-    target = load_model(quantized_pair["int4"], "torch-cpu", max_seq_len=128)
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_speculative_greedy_on_the_quantized_cpu_path_equals_the_targets_greedy(bits, quantized_pair):
+    target = load_model(quantized_pair[bits], "torch-cpu", max_seq_len=128)
     draft = load_model(quantized_pair["draft"], "torch-cpu", max_seq_len=128)
     prompt = np.random.default_rng(4).integers(3, 300, 30).tolist()
     alone = list(generate_tokens(target, prompt, GREEDY, 20))
-    for gamma in (1, 4):
+    for gamma in (1, 4, 7):  # blocks of 2, 5 and 8 rows: one and two passes of the kernel
         stats = GenerationStats()
         assert list(generate_tokens(target, prompt, GREEDY, 20, draft=draft, gamma=gamma, stats=stats)) == alone
         assert stats.rounds < 20
@@ -161,16 +236,16 @@ def test_grouped_attention_equals_sdpa_on_the_cpu():
     torch.testing.assert_close(grouped_attend(q[:, :1], k, v, None), want, atol=1e-5, rtol=1e-5)
 
 
-def test_speculation_on_the_cpu_defaults_to_two_draft_tokens(model_dirs, draft_dir):
-    """PyTorch's CPU int4 kernel works in tiles of 4 rows, so verification blocks stay within
-    3 rows unless the caller asks for more; other backends keep 4."""
+def test_speculation_on_the_cpu_defaults_to_one_draft_token(model_dirs, draft_dir):
+    """On the CPU a forward's cost grows with its tokens and a draft step is a large share of a
+    target step, so a round drafts one token unless the caller asks for more; other backends 4."""
     from sts_edge import api
 
     engine = api.load(model_dirs["llama3"], draft_dir, backend="torch-cpu", max_seq_len=64)
-    assert engine.default_gamma == 2
+    assert engine.default_gamma == 1
     stats = GenerationStats()
     engine.generate(list(range(3, 20)), max_tokens=6, stats=stats)
-    assert stats.gamma == 2
+    assert stats.gamma == 1
     engine.generate(list(range(3, 20)), max_tokens=6, stats=stats, gamma=3)
     assert stats.gamma == 3
     engine.backend = "cuda"
@@ -186,6 +261,7 @@ def test_a_cpu_int4_kernel_that_disagrees_is_not_used(quantized_pair, monkeypatc
     from sts_edge.backends.torch.quantized import QuantizedLinear
 
     ids = np.random.default_rng(2).integers(3, 300, 16).tolist()
+    without_cpu_kernel(monkeypatch)
     monkeypatch.setattr(quantized, "cpu_int4_kernel_agrees", lambda dtype: False)
     model = load_model(quantized_pair["int4"], "torch-cpu", max_seq_len=64, dtype="float32")
     assert not any(isinstance(m, QuantizedLinear) for m in model.model.modules())

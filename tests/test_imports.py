@@ -29,7 +29,7 @@ def test_the_core_imports_no_array_framework_anywhere():
     offending = [f"{path.relative_to(CORE.parent)}:{line} imports {name}"
                  for path in CORE.rglob("*.py") for name, line in imports(path)
                  if name.split(".")[0] in FRAMEWORKS or name.startswith(("sts_edge.backends", "sts_edge.triton_kernels",
-                                                                          "sts_edge.metal_kernels"))]
+                                                                          "sts_edge.metal_kernels", "sts_edge.cpu_kernels"))]
     assert not offending, "\n".join(offending)
 
 

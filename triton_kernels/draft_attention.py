@@ -20,6 +20,7 @@ from sts_edge.triton_kernels.verify_attention import (
     KernelInputError,
     Launch,
     ProbabilityOutputs,
+    QuantizedRows,
     pdl_available,
     split_attention,
 )
@@ -63,8 +64,8 @@ def _fold_scores_kernel(
 
 def draft_attention_with_scores(
     q: torch.Tensor,
-    cache_k: torch.Tensor,
-    cache_v: torch.Tensor,
+    cache_k: torch.Tensor | QuantizedRows,
+    cache_v: torch.Tensor | QuantizedRows,
     start: int | torch.Tensor,
     scores: torch.Tensor,
     aggregation: str = "max",
@@ -75,6 +76,7 @@ def draft_attention_with_scores(
     check: bool = True,
 ) -> torch.Tensor:
     """Dense attention of q [heads, n, head_dim] at positions start..start+n; updates `scores`.
+    The caches are in q's dtype or quantized (QuantizedRows: a draft's 8- or 4-bit cache).
 
     scores: [units, capacity] float32 (units: KV heads, or query heads at "query" granularity),
     rows 0..start+n folded with the max (or sum) of this call's attention probabilities.

@@ -57,6 +57,25 @@ class IndexLists:
 
 
 @dataclass(frozen=True)
+class QuantizedRows:
+    """A KV cache quantized group-wise along head_dim (backends/torch/quantized_kv.py): values uint8
+    [kv_heads, capacity, head_dim * bits / 8] (4 bits: two to a byte, the even position in the low
+    nibble), scales and biases [kv_heads, capacity, head_dim / group_size], value = scale * q + bias.
+    The kernels decode each row as they load it; nothing is decoded to memory."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    biases: torch.Tensor
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        kv_heads, capacity, width = self.values.shape
+        return kv_heads, capacity, width * 8 // self.bits
+
+
+@dataclass(frozen=True)
 class ProbabilityOutputs:
     """Where the dense path stores the draft's attention probabilities (see split_attention)."""
 
@@ -86,15 +105,41 @@ class Launch:
 
 
 @triton.jit
+def _load_rows(base, scale_base, bias_base, rows, stride_r, stride_sr, ok, D: tl.constexpr, BLOCK: tl.constexpr,
+               KV_BITS: tl.constexpr, KV_GROUP: tl.constexpr):
+    """Rows `rows` [BLOCK] of a cache [.., head_dim]: as stored (KV_BITS 16), or decoded from 8 or 4
+    bits (QuantizedRows) in float32 and rounded to the scales' dtype, the model's, as
+    quantized_kv.dequantize_rows decodes them."""
+    d = tl.arange(0, D)
+    if KV_BITS == 16:
+        x = tl.load(base + rows[:, None] * stride_r + d[None, :], mask=ok[:, None], other=0.0)
+    else:
+        if KV_BITS == 8:
+            values = tl.load(base + rows[:, None] * stride_r + d[None, :], mask=ok[:, None], other=0)
+        else:  # a byte holds positions 2i (low nibble) and 2i + 1; each lane loads its own byte
+            # (neighbours share it, in one transaction): unpacking with tl.join and tl.reshape
+            # compiled to a wrong order inside the pipelined loop on an H200 (Triton 3.6).
+            packed = tl.load(base + rows[:, None] * stride_r + (d // 2)[None, :], mask=ok[:, None], other=0)
+            values = (packed.to(tl.int32) >> ((d % 2) * 4)[None, :]) & 15
+        groups = tl.arange(0, D // KV_GROUP)
+        scales = tl.load(scale_base + rows[:, None] * stride_sr + groups[None, :], mask=ok[:, None], other=0.0)
+        biases = tl.load(bias_base + rows[:, None] * stride_sr + groups[None, :], mask=ok[:, None], other=0.0)
+        scales = tl.reshape(tl.broadcast_to(scales[:, :, None], (BLOCK, D // KV_GROUP, KV_GROUP)), (BLOCK, D))
+        biases = tl.reshape(tl.broadcast_to(biases[:, :, None], (BLOCK, D // KV_GROUP, KV_GROUP)), (BLOCK, D))
+        x = (values.to(tl.float32) * scales.to(tl.float32) + biases.to(tl.float32)).to(scales.dtype)
+    return x
+
+
+@triton.jit
 def _split_attention_kernel(
-    Q, K, V, Idx, Offsets, Opart, Lpart, Probs, TileMax,
-    stride_qh, stride_qn, stride_kh, stride_kr, stride_vh, stride_vr,
+    Q, K, V, KScales, KBiases, VScales, VBiases, Idx, Offsets, Opart, Lpart, Probs, TileMax,
+    stride_qh, stride_qn, stride_kh, stride_kr, stride_vh, stride_vr, stride_ksh, stride_ksr, stride_vsh, stride_vsr,
     stride_ph, stride_pn, stride_th, stride_tn,
     Start, rows_per_split, num_splits, qk_scale, block_slot,
     N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SELF: tl.constexpr,
     DENSE: tl.constexpr, WRITE_PROBS: tl.constexpr, UPCAST: tl.constexpr, START_IN_MEMORY: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, KV_BITS: tl.constexpr, KV_GROUP: tl.constexpr,
 ):
     if USE_PDL:  # launched while the kernel before it finishes: no memory access before this wait
         tl.extra.cuda.gdc_wait()
@@ -114,6 +159,8 @@ def _split_attention_kernel(
         q = q.to(tl.float32)
     k_base = K + kv_head * stride_kh
     v_base = V + kv_head * stride_vh
+    ks_base, kb_base = KScales + kv_head * stride_ksh, KBiases + kv_head * stride_ksh
+    vs_base, vb_base = VScales + kv_head * stride_vsh, VBiases + kv_head * stride_vsh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -138,8 +185,8 @@ def _split_attention_kernel(
             else:
                 rows = tl.load(Idx + pos, mask=ok, other=0).to(tl.int64)
             # Both gathers are issued before any use, so the K and V rows are in flight together.
-            k = tl.load(k_base + rows[:, None] * stride_kr + d[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(v_base + rows[:, None] * stride_vr + d[None, :], mask=ok[:, None], other=0.0)
+            k = _load_rows(k_base, ks_base, kb_base, rows, stride_kr, stride_ksr, ok, D, BLOCK_N, KV_BITS, KV_GROUP)
+            v = _load_rows(v_base, vs_base, vb_base, rows, stride_vr, stride_vsr, ok, D, BLOCK_N, KV_BITS, KV_GROUP)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -160,7 +207,7 @@ def _split_attention_kernel(
         j = tl.arange(0, BLOCK_SELF)
         rows = start + j
         ok_j = j < N
-        k = tl.load(k_base + rows[:, None] * stride_kr + d[None, :], mask=ok_j[:, None], other=0.0)
+        k = _load_rows(k_base, ks_base, kb_base, rows, stride_kr, stride_ksr, ok_j, D, BLOCK_SELF, KV_BITS, KV_GROUP)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
@@ -172,7 +219,7 @@ def _split_attention_kernel(
                      p.to(tl.float16), mask=valid_m[:, None] & ok_j[None, :])
             tl.store(TileMax + head * stride_th + query * stride_tn + block_slot, m_i, mask=valid_m)
         l_i = tl.sum(p, 1)
-        v = tl.load(v_base + rows[:, None] * stride_vr + d[None, :], mask=ok_j[:, None], other=0.0)
+        v = _load_rows(v_base, vs_base, vb_base, rows, stride_vr, stride_vsr, ok_j, D, BLOCK_SELF, KV_BITS, KV_GROUP)
         if UPCAST:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v)
@@ -228,18 +275,23 @@ def _merge_kernel(
         tl.store(Lse + row, top + tl.math.log2(total))
 
 
-def _check_inputs(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> None:
-    if q.dim() != 3 or cache_k.dim() != 3 or cache_v.dim() != 3:
+def _check_inputs(q: torch.Tensor, cache_k: torch.Tensor | QuantizedRows, cache_v: torch.Tensor | QuantizedRows,
+                  start: int) -> None:
+    quantized = isinstance(cache_k, QuantizedRows)
+    if quantized != isinstance(cache_v, QuantizedRows):
+        raise KernelInputError("keys and values must both be quantized (QuantizedRows) or neither")
+    if q.dim() != 3 or len(cache_k.shape) != 3 or len(cache_v.shape) != 3:
         raise KernelInputError(
             f"expected q [heads, n, head_dim] and caches [kv_heads, capacity, head_dim], got q {tuple(q.shape)}, "
             f"k {tuple(cache_k.shape)}, v {tuple(cache_v.shape)}"
         )
-    if cache_k.shape != cache_v.shape:
+    if tuple(cache_k.shape) != tuple(cache_v.shape):
         raise KernelInputError(f"key and value caches differ in shape: {tuple(cache_k.shape)} vs {tuple(cache_v.shape)}")
     heads, n, head_dim = q.shape
     kv_heads, capacity, cache_dim = cache_k.shape
-    if q.dtype not in DTYPES or cache_k.dtype != q.dtype or cache_v.dtype != q.dtype:
-        raise KernelInputError(f"q, k and v must all be bfloat16 or float16, got {q.dtype}, {cache_k.dtype}, {cache_v.dtype}")
+    if q.dtype not in DTYPES or (not quantized and (cache_k.dtype != q.dtype or cache_v.dtype != q.dtype)):
+        raise KernelInputError(f"q, k and v must all be bfloat16 or float16, got {q.dtype}, "
+                               f"{'quantized' if quantized else cache_k.dtype}, {'quantized' if quantized else cache_v.dtype}")
     if head_dim not in HEAD_DIMS or cache_dim != head_dim:
         raise KernelInputError(f"head_dim must be one of {HEAD_DIMS} in q and caches, got {head_dim} and {cache_dim}")
     if heads % kv_heads:
@@ -248,10 +300,27 @@ def _check_inputs(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
         raise KernelInputError(f"the block must have 1..{MAX_QUERIES} queries (gamma + 1), got {n}")
     if not 0 <= start or start + n > capacity:
         raise KernelInputError(f"block rows {start}..{start + n} do not fit the cache of {capacity} rows")
-    if q.stride(2) != 1 or cache_k.stride(2) != 1 or cache_v.stride(2) != 1:
-        raise KernelInputError("the head_dim axis of q, k and v must be contiguous")
-    if not (q.device == cache_k.device == cache_v.device):
-        raise KernelInputError(f"q, k and v are on different devices: {q.device}, {cache_k.device}, {cache_v.device}")
+    tensors = [q] + ([part for cache in (cache_k, cache_v) for part in (cache.values, cache.scales, cache.biases)]
+                     if quantized else [cache_k, cache_v])
+    if any(t.stride(-1) != 1 for t in tensors):
+        raise KernelInputError("the last axis of q and of every cache tensor must be contiguous")
+    if any(t.device != q.device for t in tensors):
+        raise KernelInputError(f"q and the caches are on different devices: {sorted({str(t.device) for t in tensors})}")
+    if quantized:
+        for cache in (cache_k, cache_v):
+            groups = head_dim // cache.group_size if cache.group_size and head_dim % cache.group_size == 0 else 0
+            if cache.bits not in (8, 4) or cache.values.dtype != torch.uint8 or not groups \
+                    or groups & (groups - 1) or cache.group_size < 2:
+                raise KernelInputError(f"quantized caches are uint8 values of 8 or 4 bits in groups dividing head_dim "
+                                       f"into a power of two, got {cache.values.dtype}, {cache.bits} bits, groups of "
+                                       f"{cache.group_size}")
+            if cache.scales.shape != (kv_heads, capacity, groups) or cache.biases.shape != cache.scales.shape \
+                    or cache.scales.stride() != cache.biases.stride() or not cache.scales.is_floating_point():
+                raise KernelInputError(f"scales and biases must be float [{kv_heads}, {capacity}, {groups}] with one "
+                                       f"layout, got {tuple(cache.scales.shape)} and {tuple(cache.biases.shape)}")
+        if (cache_k.bits, cache_k.group_size, cache_k.scales.stride()) != (cache_v.bits, cache_v.group_size,
+                                                                           cache_v.scales.stride()):
+            raise KernelInputError("keys and values must be quantized alike")
 
 
 def check_index_lists(indices: torch.Tensor, offsets: torch.Tensor, kv_heads: int, start: int) -> None:
@@ -306,8 +375,8 @@ def pdl_available(device: torch.device) -> bool:
 
 def split_attention(
     q: torch.Tensor,
-    cache_k: torch.Tensor,
-    cache_v: torch.Tensor,
+    cache_k: torch.Tensor | QuantizedRows,
+    cache_v: torch.Tensor | QuantizedRows,
     start: int | torch.Tensor,
     lists: IndexLists | None = None,
     *,
@@ -319,7 +388,7 @@ def split_attention(
     """Attention of q [heads, n, head_dim] at positions start..start+n over a KV cache.
 
     cache_k/cache_v: [kv_heads, capacity, head_dim] with the block already written at rows
-    start..start+n. With `lists` each KV head reads its listed rows plus the block; without, rows
+    start..start+n, in q's dtype or quantized (QuantizedRows, both alike). With `lists` each KV head reads its listed rows plus the block; without, rows
     0..start plus the block. Returns [heads, n, head_dim] in q's dtype (a view of [n, heads, head_dim]).
 
     For the draft's scores (dense only), `probs`: every row's probability is
@@ -398,14 +467,22 @@ def split_attention(
             raise KernelInputError(f"tile_max must be float32 [{heads}, {n}, {tiles}] (block_n {block_n}) with rows contiguous")
     else:
         tile_probs = tile_max = lpart
+    if isinstance(cache_k, QuantizedRows):
+        kv_bits, kv_group = cache_k.bits, cache_k.group_size
+        k_parts, v_parts = (cache_k.values, cache_k.scales, cache_k.biases), (cache_v.values, cache_v.scales, cache_v.biases)
+    else:  # the scale and bias pointers are unused
+        kv_bits, kv_group = 16, head_dim
+        k_parts, v_parts = (cache_k, cache_k, cache_k), (cache_v, cache_v, cache_v)
     _split_attention_kernel[(kv_heads, num_splits + 1)](
-        q, cache_k, cache_v, indices, offsets, opart, lpart, tile_probs, tile_max,
-        q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
+        q, k_parts[0], v_parts[0], k_parts[1], k_parts[2], v_parts[1], v_parts[2], indices, offsets, opart, lpart,
+        tile_probs, tile_max,
+        q.stride(0), q.stride(1), k_parts[0].stride(0), k_parts[0].stride(1), v_parts[0].stride(0), v_parts[0].stride(1),
+        k_parts[1].stride(0), k_parts[1].stride(1), v_parts[1].stride(0), v_parts[1].stride(1),
         *(tile_probs.stride()[:2] if write_probs else (0, 0)), *(tile_max.stride()[:2] if write_probs else (0, 0)),
         start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E, block_slot,
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,
         DENSE=dense, WRITE_PROBS=write_probs, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-        START_IN_MEMORY=in_memory, USE_PDL=pdl,
+        START_IN_MEMORY=in_memory, USE_PDL=pdl, KV_BITS=kv_bits, KV_GROUP=kv_group,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     # Stored token-major, so that the caller's [n, heads * head_dim] for the output projection

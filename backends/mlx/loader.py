@@ -7,9 +7,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from sts_edge.backend import BackendModel, ScoreSpec, VerificationObserver
+from sts_edge.backend import KV_GROUP_SIZE, BackendModel, ScoreSpec, VerificationObserver
 from sts_edge.backends.mlx.attention import ScoreBuffer
-from sts_edge.backends.mlx.model import KVCache, Reads, Transformer
+from sts_edge.backends.mlx.model import KVCache, QuantizedKVCache, Reads, Transformer
 from sts_edge.backends.mlx.sampling import MLXDistributions
 from sts_edge.backends.mlx.selection import LayerSets
 from sts_edge.config import ModelConfig
@@ -30,14 +30,17 @@ def metal_available() -> bool:
 class MLXModel(BackendModel):
     """A Transformer with its KV caches, on Apple silicon's GPU through Metal, or the CPU."""
 
-    def __init__(self, model: Transformer, capacity: int, dtype: mx.Dtype):
+    def __init__(self, model: Transformer, capacity: int, dtype: mx.Dtype, kv_bits: int = 16):
         super().__init__(model.config, capacity)
         self.model = model
         c = model.config
-        self.caches = [KVCache(c.num_key_value_heads, capacity, c.head_dim, dtype) for _ in range(c.num_hidden_layers)]
+        self.caches = [KVCache(c.num_key_value_heads, capacity, c.head_dim, dtype) if kv_bits == 16 else
+                       QuantizedKVCache(c.num_key_value_heads, capacity, c.head_dim, kv_bits, dtype,
+                                        min(KV_GROUP_SIZE, c.head_dim)) for _ in range(c.num_hidden_layers)]
         bits = sorted({m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)})
         name = str(dtype).removeprefix("mlx.core.")
-        self.precision = f"{'+'.join(f'int{b}' for b in bits) or name} weights, {name} activations"
+        kv = f", int{kv_bits} KV" if kv_bits != 16 else ""
+        self.precision = f"{'+'.join(f'int{b}' for b in bits) or name} weights, {name} activations{kv}"
 
     def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
                  plan: VerificationPlan | None = None, draft_scores: ScoreBuffer | None = None,
@@ -49,7 +52,7 @@ class MLXModel(BackendModel):
         logits = self.model(mx.array(tokens, dtype=mx.int32), self.caches, start, not last_only,
                             Reads(sets=sets, scores=scores, observer=observer))
         # Evaluate the cache (and score) writes with the logits so the lazy graph never outlives one step.
-        mx.eval(logits, [(c.keys, c.values) for c in self.caches], scores.buffer if scores is not None else [])
+        mx.eval(logits, [c.arrays() for c in self.caches], scores.buffer if scores is not None else [])
         return logits
 
     def _distributions(self, logits: mx.array, sampling: SamplingParams, vocab: int | None) -> MLXDistributions:
@@ -79,7 +82,7 @@ def peak_memory(device: str) -> tuple[int, str]:
 
 
 def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None,
-               threads: int | None = None) -> MLXModel:
+               threads: int | None = None, kv_bits: int = 16) -> MLXModel:
     if dtype is None:
         # Half precision on Apple GPUs; the CPU build (Linux) runs float32 for exact agreement.
         dtype = ("float16" if config.torch_dtype == "float16" else "bfloat16") if metal_available() else "float32"
@@ -110,4 +113,4 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
     except ValueError as err:  # unexpected tensors or shape mismatches
         raise ModelLoadError(f"{model_dir}: weights do not match config.json: {err}") from None
     mx.eval(model.parameters())
-    return MLXModel(model, max_seq_len, mlx_dtype)
+    return MLXModel(model, max_seq_len, mlx_dtype, kv_bits)

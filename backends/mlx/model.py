@@ -46,6 +46,54 @@ class KVCache:
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
 
+    def arrays(self) -> list[mx.array]:
+        return [self.keys, self.values]
+
+
+class QuantizedKVCache:
+    """The draft's keys and values in 8 or 4 bits, group-wise affine along head_dim, rows quantized
+    once as they are written (backends/torch/quantized_kv.py says why and how; this is the same
+    rule in MLX's ops: per group of `group_size` a scale and a bias, value = scale * q + bias)."""
+
+    def __init__(self, kv_heads: int, capacity: int, head_dim: int, bits: int, dtype: mx.Dtype, group_size: int):
+        self.bits, self.group_size = bits, group_size
+        width, groups = head_dim * bits // 8, head_dim // group_size
+        self.parts = {name: [mx.zeros((1, kv_heads, capacity, width), dtype=mx.uint8),
+                             mx.zeros((1, kv_heads, capacity, groups), dtype=dtype),
+                             mx.zeros((1, kv_heads, capacity, groups), dtype=dtype)] for name in ("k", "v")}
+
+    def write(self, start: int, k: mx.array, v: mx.array) -> None:
+        end = start + k.shape[2]
+        for name, x in (("k", k), ("v", v)):
+            for buffer, part in zip(self.parts[name], self.quantize(x)):
+                buffer[:, :, start:end] = part
+
+    def quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        groups = x.astype(mx.float32).reshape(*x.shape[:-1], -1, self.group_size)
+        low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+        levels = (1 << self.bits) - 1
+        scales = (high - low) / levels
+        steps = mx.where(scales > 0, scales, 1.0)
+        values = mx.clip(mx.round((groups - low) / steps), 0, levels).astype(mx.uint8).reshape(x.shape)
+        if self.bits == 4:  # two to a byte, the even position in the low nibble
+            values = values[..., 0::2] | (values[..., 1::2] << 4)
+        return values, scales.squeeze(-1).astype(x.dtype), low.squeeze(-1).astype(x.dtype)
+
+    def rows(self, length: int) -> tuple[mx.array, mx.array]:
+        """Keys and values of rows 0..length, decoded: [1, kv_heads, length, head_dim]."""
+        decoded = []
+        for name in ("k", "v"):
+            values, scales, biases = (part[:, :, :length] for part in self.parts[name])
+            if self.bits == 4:
+                values = mx.stack((values & 15, values >> 4), axis=-1).reshape(*values.shape[:-1], -1)
+            groups = values.astype(mx.float32).reshape(*values.shape[:-1], -1, self.group_size)
+            x = groups * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
+            decoded.append(x.reshape(*values.shape[:-1], -1).astype(scales.dtype))
+        return decoded[0], decoded[1]
+
+    def arrays(self) -> list[mx.array]:
+        return self.parts["k"] + self.parts["v"]
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
@@ -64,7 +112,7 @@ class Attention(nn.Module):
         # mx.fast.rope takes rotation periods (1 / inverse frequency), llama3 scaling included.
         self._rope_periods = mx.array(1.0 / config.rope_inv_freq(), dtype=mx.float32)
 
-    def __call__(self, x: mx.array, cache: KVCache, start: int, reads: Reads = PLAIN) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | QuantizedKVCache, start: int, reads: Reads = PLAIN) -> mx.array:
         n = x.shape[1]
         q = self.q_proj(x).reshape(1, n, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(1, n, self.n_kv_heads, self.head_dim)
@@ -75,10 +123,11 @@ class Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self._rope_periods)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=start, freqs=self._rope_periods)
         cache.write(start, k, v)
-        sets = reads.sets.for_layer(self.layer, q, cache.keys, self.scale) if reads.sets is not None else None
-        out = attend(q, cache.keys, cache.values, start, self.scale, sets=sets, scores=reads.scores, layer=self.layer)
+        keys, values = cache.rows(start + n) if isinstance(cache, QuantizedKVCache) else (cache.keys, cache.values)
+        sets = reads.sets.for_layer(self.layer, q, keys, self.scale) if reads.sets is not None else None
+        out = attend(q, keys, values, start, self.scale, sets=sets, scores=reads.scores, layer=self.layer)
         if reads.observer is not None:
-            keys = cache.keys[0, :, : start + n]
+            keys = keys[0, :, : start + n]
             reads.observer.observe(self.layer, np.array(q[0].astype(mx.float32)), np.array(keys.astype(mx.float32)))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, n, -1))
 

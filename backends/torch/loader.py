@@ -13,7 +13,9 @@ from sts_edge.backend import PREFILL_CHUNK, BackendModel, ScoreSpec, Verificatio
 from sts_edge.backends.torch.attention import ScoreBuffer
 from sts_edge.backends.torch.graphs import DecodeGraphs
 from sts_edge.backends.torch.model import Reads, Transformer
-from sts_edge.backends.torch.quantized import Int4PackWeight, QuantizedLinear, int4pack_readable, swap_in_quantized
+from sts_edge.backends.torch.quantized import (INT8_PRODUCTS, CpuAffineWeight, Int4PackWeight, QuantizedLinear,
+                                               cpu_kernel_reads, int4pack_readable, swap_in_quantized)
+from sts_edge.cpu_kernels.affine_matmul import unavailable_reason as cpu_kernel_missing
 from sts_edge.backends.torch.sampling import TorchDistributions
 from sts_edge.backends.torch.selection import LayerSets
 from sts_edge.config import ModelConfig
@@ -36,13 +38,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TorchModel(BackendModel):
     """A Transformer with its KV cache, on a GPU ("cuda") or the CPU ("torch-cpu")."""
 
-    def __init__(self, model: Transformer, capacity: int, quantized_products: torch.dtype | None = None):
+    def __init__(self, model: Transformer, capacity: int, quantized_products: torch.dtype | None = None,
+                 kv_bits: int = 16):
         super().__init__(model.config, capacity)
         self.model = model
         self.device = model.norm.weight.device
         self._score_buffers: dict[ScoreSpec, ScoreBuffer] = {}  # reused by every round: graphs keep their pointers
         self._eager_reasons: set[str] = set()
-        model.prepare_decoding(capacity, quantized_products)
+        model.prepare_decoding(capacity, quantized_products, kv_bits)
         # Decode-sized forwards replay CUDA graphs on a GPU (STS_EDGE_CUDA_GRAPHS=0 turns them off).
         graphs = self.device.type == "cuda" and os.environ.get("STS_EDGE_CUDA_GRAPHS", "1") != "0"
         self.graphs = DecodeGraphs(model, capacity) if graphs else None
@@ -52,7 +55,13 @@ class TorchModel(BackendModel):
         products = " (bfloat16 products)" if dtype != "bfloat16" and any(
             isinstance(m, QuantizedLinear) and isinstance(m.packed, Int4PackWeight)
             and m.packed.scales_and_zeros.dtype == torch.bfloat16 for m in model.modules()) else ""
-        self.precision = f"{'+'.join(f'int{b}' for b in bits) or dtype} weights{products}, {dtype} activations{threads}"
+        if any(isinstance(m, QuantizedLinear) and isinstance(m.packed, CpuAffineWeight) and m.packed.int8_activations
+               for m in model.modules()):
+            products = " (int8 activation products)"
+        if self.device.type == "cpu" and bits and cpu_kernel_missing():
+            products += f" (PyTorch's kernels: {cpu_kernel_missing()})"
+        kv = f", int{kv_bits} KV" if kv_bits != 16 else ""
+        self.precision = f"{'+'.join(f'int{b}' for b in bits) or dtype} weights{products}, {dtype} activations{kv}{threads}"
         if self.device.type == "cpu":
             # Half the default: a chunk's activations and attention weights are a visible share of
             # the demo pair's peak resident memory, and the CPU's products are no faster per row
@@ -138,17 +147,22 @@ def cpu_dtype() -> str:
 
 
 def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len: int, dtype: str | None,
-               threads: int | None = None) -> TorchModel:
+               threads: int | None = None, kv_bits: int = 16) -> TorchModel:
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
     if device != "cuda":
         count = cpu_threads(threads)
         if count is not None:
             torch.set_num_threads(count)
         map_large_allocations()
-    # PyTorch's CPU int4 kernel's float32 path is a plain loop, several times slower than its
-    # bfloat16 one even where bfloat16 is emulated (AVX2; benchmarks/README.md): unless a dtype is passed (float32 then means exact
-    # products, what tests comparing with references ask for), 4-bit layers multiply in bfloat16.
-    products = torch.bfloat16 if device != "cuda" and dtype is None else None
+    # Where our CPU kernel cannot run, 4-bit layers fall back to PyTorch's CPU int4 kernel, whose
+    # float32 path is a plain loop several times slower than its bfloat16 one even where bfloat16 is
+    # emulated (AVX2; benchmarks/README.md): unless a dtype is passed (float32 then means exact
+    # products, what tests comparing with references ask for), they multiply in bfloat16 there.
+    # With our kernel, by default 4-bit layers round decode-sized activations to int8 per group
+    # (INT8_PRODUCTS; the kernel's comments say why); a dtype passed means float32 products there.
+    products = None
+    if device != "cuda" and dtype is None:
+        products = torch.bfloat16 if cpu_kernel_missing() else INT8_PRODUCTS
     if dtype is None:
         # bfloat16 halves memory traffic on GPUs; on CPUs it depends on the instruction set.
         dtype = "bfloat16" if device == "cuda" else cpu_dtype()
@@ -171,7 +185,10 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
             # tensor is converted as it is read: the file's copy and ours never both exist whole.
             with safe_open(str(path), framework="pt") as checkpoint:
                 tensor = checkpoint.get_tensor(name)
-            state[mapped] = tensor.to(device=torch_device, dtype=torch_dtype) if tensor.is_floating_point() else tensor
+            # On the CPU quantization scales and biases stay in the checkpoint's dtype, which our
+            # kernel reads: in float32 they would add half again to a 4-bit layer's bytes.
+            keep = not tensor.is_floating_point() or (device != "cuda" and name.endswith((".scales", ".biases")))
+            state[mapped] = tensor.to(device=torch_device) if keep else tensor.to(device=torch_device, dtype=torch_dtype)
     kept = _quantized_modules(state, config, torch_device, torch_dtype)
     check_complete(set(state), config, model_dir)
 
@@ -185,7 +202,7 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
     # The model holds the weights now. Dropping the dict's references lets prepare_decoding stack
     # the projections one layer at a time instead of keeping a second copy of them all.
     del state
-    loaded = TorchModel(model.eval(), max_seq_len, products)
+    loaded = TorchModel(model.eval(), max_seq_len, products, kv_bits)
     if device != "cuda":
         release_freed_memory()
     return loaded
@@ -194,13 +211,14 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: str, max_seq_len
 def keeps_packed(device: torch.device, dtype: torch.dtype, module: str, bits: int, group_size: int, inputs: int,
                  outputs: int, tied: bool) -> bool:
     """Whether a quantized layer stays packed rather than decoded at load: on a GPU wherever our
-    kernel reads it; on the CPU where PyTorch's int4 kernel does (the embedding table is decoded row
-    by row as it is looked up, and needs the kernel only as a tied LM head)."""
+    kernel reads it; on the CPU where our kernel does, else where PyTorch's int4 kernel does (the
+    embedding table is decoded row by row as it is looked up, and needs a kernel only as a tied LM
+    head)."""
     if device.type == "cuda":
         return bits in QUANTIZED_BITS and group_size in QUANTIZED_GROUP_SIZES
     if module == "embed_tokens" and not tied:
         return bits in (4, 8)
-    return int4pack_readable(device, bits, group_size, inputs, outputs, dtype)
+    return cpu_kernel_reads(bits, group_size, inputs) or int4pack_readable(device, bits, group_size, inputs, outputs, dtype)
 
 
 def _quantized_modules(state: dict[str, torch.Tensor], config: ModelConfig, device: torch.device,

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sts_edge.backend import VerificationObserver
+from sts_edge.backend import KV_GROUP_SIZE, VerificationObserver
 from sts_edge.backends.torch.attention import ScoreBuffer, attend, use_kernels
 from sts_edge.backends.torch.quantized import QuantizedEmbedding, QuantizedLinear, fuse_quantized
+from sts_edge.backends.torch.quantized_kv import QuantizedKVCache
 from sts_edge.backends.torch.selection import LayerSets
 from sts_edge.config import ModelConfig
 
@@ -99,7 +100,8 @@ class Attention(nn.Module):
         """Attention of x [n, hidden] at positions start..start+n; cos/sin are the rotary tables
         of those positions, or with `kernels` the whole tables (the kernel indexes them)."""
         n = x.shape[0]
-        if kernels:  # one matrix product for q, k, v; one kernel for the norms, rotation, cache write
+        quantized_cache = isinstance(self.cache, QuantizedKVCache)
+        if kernels and not quantized_cache:  # one matrix product for q, k, v; one kernel for the norms, rotation, cache write
             norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps) \
                 if hasattr(self, "q_norm") else {}
             qkv = self.qkv(x)
@@ -112,9 +114,18 @@ class Attention(nn.Module):
             v = v.reshape(n, self.n_kv_heads, self.head_dim)
             if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
                 q, k = self.q_norm(q), self.k_norm(k)
+            if kernels:  # the whole tables: this block's rows of them (start may be a device tensor)
+                positions = start + torch.arange(n, device=x.device)
+                cos, sin = cos[positions], sin[positions]
             q = apply_rope(q.transpose(0, 1), cos, sin)
             self.cache.write(start, apply_rope(k.transpose(0, 1), cos, sin), v.transpose(0, 1))
-        cache_k, cache_v = self.cache.k, self.cache.v
+        if quantized_cache and kernels and reads.sets is None and reads.observer is None:
+            cache_k, cache_v = self.cache.kernel_rows()  # the kernels decode rows as they read them
+        elif quantized_cache:  # the live rows decoded (a CUDA graph's: up to its bound)
+            length = (bound if isinstance(start, torch.Tensor) else start) + n
+            cache_k, cache_v = self.cache.rows(min(length, self.cache.capacity))
+        else:
+            cache_k, cache_v = self.cache.k, self.cache.v
         sets = reads.sets.for_layer(self.layer, q, cache_k) if reads.sets is not None else None
         scores = (reads.scores.buffer[self.layer], reads.scores.spec) if reads.scores is not None else None
         out = attend(q, cache_k, cache_v, start, sets=sets, scores=scores, bound=bound, kernels=kernels)
@@ -224,21 +235,25 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def prepare_decoding(self, capacity: int, quantized_products: torch.dtype | None = None) -> None:
+    def prepare_decoding(self, capacity: int, quantized_products: torch.dtype | None = None, kv_bits: int = 16) -> None:
         """Allocate the KV caches and the rotary tables for `capacity` positions, and fuse the
         projections that the GPU path runs as one matrix product (after the weights are loaded).
-        Quantized layers multiply in `quantized_products` (default: the model's dtype)."""
+        Quantized layers multiply in `quantized_products` (default: the model's dtype; on the CPU
+        INT8_PRODUCTS rounds 4-bit layers' activations to int8: backends/torch/quantized.py).
+        `kv_bits` 8 or 4 quantizes the cache (a draft's: backends/torch/quantized_kv.py)."""
         c, weight = self.config, self.norm.weight  # the model dtype and device (embeddings may be packed)
         products = quantized_products or weight.dtype
         for module in self.modules():
             if isinstance(module, QuantizedEmbedding):
-                module.repack(products, as_head=c.tie_word_embeddings)
+                module.repack(weight.dtype, as_head=c.tie_word_embeddings, products=products)
             elif isinstance(module, QuantizedLinear):  # into the kernel's layout, once
                 module.repack(products)
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
-            layer.self_attn.cache = KVCache(c.num_key_value_heads, capacity, c.head_dim, weight.dtype, weight.device)
+            layer.self_attn.cache = KVCache(c.num_key_value_heads, capacity, c.head_dim, weight.dtype, weight.device) \
+                if kv_bits == 16 else QuantizedKVCache(c.num_key_value_heads, capacity, c.head_dim, kv_bits, weight.dtype,
+                                                       weight.device, min(KV_GROUP_SIZE, c.head_dim))
         inv_freq = torch.tensor(c.rope_inv_freq(), dtype=torch.float64, device=weight.device)
         angles = torch.arange(capacity, dtype=torch.float64, device=weight.device)[:, None] * inv_freq
         self.rope_cos = angles.cos().to(weight.dtype)

@@ -1,27 +1,66 @@
-"""Layers whose weights stay quantized (mlx-lm's affine format, sts_edge/quantization.py): on a GPU,
-and for 4 bits on the CPU.
+"""Layers whose weights stay quantized (mlx-lm's affine format, sts_edge/quantization.py).
 
 The names of their tensors are the checkpoint's (`X.weight` packed, `X.scales`, `X.biases`, and
 `X.bias` when the layer has one), so a quantized checkpoint loads with a plain state-dict
 assignment once `swap_in_quantized` has put these layers where the checkpoint has scales; `repack`
-then lays the same bytes out for the kernel: PyTorch's int4 kernel where it reads the weight, else
-triton_kernels/quantized_matmul.py (GPU only). Nothing is decoded ahead of the products.
+then hands the same bytes to the kernel that multiplies with them: on the CPU our own
+(cpu_kernels/affine_matmul.cpp, the checkpoint's layout as it is), else PyTorch's int4 kernel where
+it reads the weight, else triton_kernels/quantized_matmul.py (GPU only). Nothing is decoded ahead of
+the products.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from sts_edge.cpu_kernels.affine_matmul import kernel as cpu_kernel
 from sts_edge.triton_kernels.quantized_layout import QuantizedWeight, dequantize
 
 try:  # the GPU's product; a CPU-only install has no Triton, and its packed layers use PyTorch's kernel
     from sts_edge.triton_kernels.quantized_matmul import quantized_matmul
 except ImportError:
     quantized_matmul = None
+
+
+@dataclass(frozen=True)
+class CpuAffineWeight:
+    """A weight in mlx-lm's own layout (uint32 words [outputs, inputs * bits / 32], scales and
+    biases [outputs, groups] in the checkpoint's dtype), multiplied by cpu_kernels/affine_matmul.cpp
+    in float32."""
+
+    words: torch.Tensor
+    scales: torch.Tensor
+    biases: torch.Tensor
+    bits: int
+    group_size: int
+    int8_activations: bool = False  # 4 bits: decode-sized products in integers (see the kernel)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_kernel()(x.float().contiguous(), self.words, self.scales, self.biases, self.bits, self.group_size,
+                         self.int8_activations)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The decoded rows `ids` (an embedding lookup), in the scales' dtype."""
+        transposed = QuantizedWeight(self.words.t(), self.scales.t(), self.biases.t(), self.bits, self.group_size)
+        return dequantize(transposed, rows=ids)
+
+
+# `quantized_products` that asks 4-bit layers on the CPU to round decode-sized activations to int8
+# per group (our kernel's integer products, as llama.cpp multiplies); 8-bit layers stay in float32.
+INT8_PRODUCTS = torch.int8
+
+
+def cpu_kernel_reads(bits: int, group_size: int, inputs: int) -> bool:
+    """Whether cpu_kernels/affine_matmul.cpp multiplies such a weight on this machine: 4 or 8 bits,
+    groups of 32-128, and the inputs whole AVX2 registers of words (8 words)."""
+    return (bits in (4, 8) and group_size in (32, 64, 128) and inputs % group_size == 0
+            and inputs % (8 * 32 // bits) == 0 and cpu_kernel() is not None)
 
 
 @dataclass(frozen=True)
@@ -116,9 +155,9 @@ def int4pack_available(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
 
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight stays quantized. It loads mlx-lm's tensors by their checkpoint
-    names; `repack` then lays the same bytes out for the kernel that multiplies with them: PyTorch's
-    int4 kernel where it reads the weight (it measures faster than ours at decode sizes;
-    benchmarks/README.md), else triton_kernels/quantized_matmul.py."""
+    names; `repack` then lays the same bytes out for the kernel that multiplies with them (see the
+    module docstring; on a GPU PyTorch's int4 kernel measures faster than our Triton one at decode
+    sizes: benchmarks/README.md)."""
 
     def __init__(self, inputs: int, outputs: int, bits: int, group_size: int, bias: bool):
         super().__init__()
@@ -127,10 +166,16 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", torch.empty(outputs, inputs // group_size))
         self.register_buffer("biases", torch.empty(outputs, inputs // group_size))
         self.bias = nn.Parameter(torch.empty(outputs)) if bias else None
-        self.packed: QuantizedWeight | Int4PackWeight | None = None
+        self.packed: QuantizedWeight | Int4PackWeight | CpuAffineWeight | None = None
 
     def repack(self, dtype: torch.dtype) -> None:
         """Once, after loading: the kernel's layout replaces the checkpoint's (activations in `dtype`)."""
+        if self.weight.device.type == "cpu" and cpu_kernel_reads(self.bits, self.group_size, self.inputs):
+            self.packed = CpuAffineWeight(self.weight, self.scales, self.biases, self.bits, self.group_size,
+                                          self.bits == 4 and dtype == INT8_PRODUCTS)
+            self.weight = self.scales = self.biases = None
+            return
+        dtype = torch.bfloat16 if dtype == INT8_PRODUCTS else dtype  # PyTorch's kernel's nearest
         if int4pack_readable(self.weight.device, self.bits, self.group_size, self.inputs, self.outputs, dtype):
             # Straight from the checkpoint's layout: no transposed copy of a whole layer on the way.
             self.packed = Int4PackWeight.from_mlx(self.weight, self.scales, self.biases, self.group_size, dtype)
@@ -140,8 +185,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.inputs)
-        y = self.packed.matmul(flat) if isinstance(self.packed, Int4PackWeight) else \
-            quantized_matmul(flat, self.packed, check=False)
+        y = quantized_matmul(flat, self.packed, check=False) if isinstance(self.packed, QuantizedWeight) else \
+            self.packed.matmul(flat)
         y = y.reshape(*x.shape[:-1], self.outputs)
         return y + self.bias if self.bias is not None else y
 
@@ -156,19 +201,32 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("weight", torch.empty(rows, dim * bits // 32, dtype=torch.int32))
         self.register_buffer("scales", torch.empty(rows, dim // group_size))
         self.register_buffer("biases", torch.empty(rows, dim // group_size))
-        self.packed: QuantizedWeight | None = None
-        self.head: Int4PackWeight | None = None
+        self.packed: QuantizedWeight | CpuAffineWeight | None = None
+        self.head: Int4PackWeight | CpuAffineWeight | None = None
+        self.dtype: torch.dtype | None = None
 
-    def repack(self, dtype: torch.dtype, as_head: bool = False) -> None:
+    def repack(self, dtype: torch.dtype, as_head: bool = False, products: torch.dtype | None = None) -> None:
+        """Once, after loading: rows are looked up in `dtype`; as the LM head (`as_head`) the table
+        multiplies in `products` (default: `dtype`)."""
+        self.dtype, products = dtype, products or dtype
+        if self.weight.device.type == "cpu" and cpu_kernel_reads(self.bits, self.group_size, self.dim):
+            # The checkpoint's layout serves both the lookups and, tied, the LM head's product.
+            self.packed = CpuAffineWeight(self.weight, self.scales, self.biases, self.bits, self.group_size)
+            self.head = dataclasses.replace(self.packed, int8_activations=self.bits == 4 and products == INT8_PRODUCTS) \
+                if as_head else None
+            self.weight = self.scales = self.biases = None
+            return
+        products = torch.bfloat16 if products == INT8_PRODUCTS else products
         self.packed = QuantizedWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size)
         self.weight = self.scales = self.biases = None
         # As the LM head (tied embeddings), PyTorch's int4 kernel where it reads the table: a second,
         # int4 copy of it (its layout cannot be looked up by row), which an untied model never holds.
-        if as_head and int4pack_available(self.packed, dtype):
-            self.head = Int4PackWeight.from_quantized(self.packed, dtype)
+        if as_head and int4pack_available(self.packed, products):
+            self.head = Int4PackWeight.from_quantized(self.packed, products)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize(self.packed, rows=ids)
+        rows = self.packed.rows(ids) if isinstance(self.packed, CpuAffineWeight) else dequantize(self.packed, rows=ids)
+        return rows.to(self.dtype)
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.matmul(x) if self.head is not None else quantized_matmul(x, self.packed, check=False)
@@ -202,7 +260,11 @@ def fuse_quantized(*layers: QuantizedLinear) -> QuantizedLinear | None:
         fused = QuantizedLinear(first.inputs, sum(layer.outputs for layer in layers), first.bits, first.group_size, has_bias)
     fused.weight = fused.scales = fused.biases = None
     with torch.no_grad():
-        if isinstance(first.packed, Int4PackWeight):  # the layout's outputs lead, its scales [groups, outputs, 2]
+        if isinstance(first.packed, CpuAffineWeight):  # the checkpoint's layout: outputs lead everywhere
+            fused.packed = CpuAffineWeight(*(torch.cat([getattr(layer.packed, name) for layer in layers])
+                                             for name in ("words", "scales", "biases")), first.bits, first.group_size,
+                                           first.packed.int8_activations)
+        elif isinstance(first.packed, Int4PackWeight):  # the layout's outputs lead, its scales [groups, outputs, 2]
             fused.packed = Int4PackWeight(torch.cat([layer.packed.packed for layer in layers]),
                                           torch.cat([layer.packed.scales_and_zeros for layer in layers], dim=1),
                                           first.group_size)

@@ -1,0 +1,62 @@
+"""The CPU product with mlx-lm's affine-quantized weights (affine_matmul.cpp), compiled on first use.
+
+PyTorch builds it with the host's C++ compiler into its extensions cache (TORCH_EXTENSIONS_DIR,
+default ~/.cache/torch_extensions) once per machine and PyTorch version; later processes load the
+built library. Where it cannot be built (no compiler, a CPU without AVX2/FMA/F16C), `kernel()`
+returns None with the reason in `unavailable_reason()`, and the caller falls back to PyTorch's own
+int4 kernel or to decoding the weights at load.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("affine_matmul.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # -fopenmp: at::parallel_for runs on PyTorch's OpenMP pool
+_reason: str | None = None
+
+
+def cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return {"avx2", "fma", "f16c"} <= set(flags.split(":", 1)[1].split())
+
+
+@functools.cache
+def kernel():
+    """torch.ops.sts_edge_cpu.affine_matmul(x, words, scales, biases, bits, group_size), or None."""
+    global _reason
+    _reason = None
+    if os.environ.get("STS_EDGE_CPU_KERNELS", "1") == "0":
+        _reason = "STS_EDGE_CPU_KERNELS=0"
+        return None
+    if not cpu_has_avx2():
+        _reason = "the CPU lacks AVX2/FMA/F16C"
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="sts_edge_cpu_affine", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
+    except Exception as err:  # no compiler, no ninja, a failed build: PyTorch's kernels remain
+        _reason = f"the CPU kernel did not build ({str(err).splitlines()[0][:200]})"
+        log.warning("sts-edge: %s; quantized layers use PyTorch's kernels instead", _reason)
+        return None
+    return torch.ops.sts_edge_cpu.affine_matmul
+
+
+def unavailable_reason() -> str | None:
+    kernel()
+    return _reason

@@ -1,0 +1,124 @@
+"""cpu_kernels/affine_matmul.cpp against mlx-lm's rule decoded in numpy (W = scale * q + bias)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def affine_matmul():
+    from sts_edge.cpu_kernels.affine_matmul import kernel, unavailable_reason
+
+    if kernel() is None:
+        pytest.skip(f"the CPU kernel is unavailable here: {unavailable_reason()}")
+    return kernel()
+
+
+def random_weight(outputs: int, inputs: int, bits: int, group_size: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.randint(-2**31, 2**31 - 1, (outputs, inputs * bits // 32), dtype=torch.int32, generator=gen)
+    scales = (torch.rand(outputs, inputs // group_size, generator=gen) * 0.1).to(dtype)
+    biases = (torch.randn(outputs, inputs // group_size, generator=gen) * 0.1).to(dtype)
+    return words, scales, biases
+
+
+def decoded(words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int) -> np.ndarray:
+    """W in float64, value by value as mlx-lm packs them: least significant bits first."""
+    as_bytes = words.numpy().view(np.uint32)
+    per_word = 32 // bits
+    values = np.stack([(as_bytes >> (bits * k)) & ((1 << bits) - 1) for k in range(per_word)], axis=-1)
+    outputs = words.shape[0]
+    q = values.reshape(outputs, -1, group_size).astype(np.float64)
+    s = scales.float().numpy().astype(np.float64)[..., None]
+    b = biases.float().numpy().astype(np.float64)[..., None]
+    return (q * s + b).reshape(outputs, -1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_products_equal_the_decoded_weights(affine_matmul, bits, group_size, dtype):
+    words, scales, biases = random_weight(72, 384, bits, group_size, getattr(torch, dtype), seed=bits + group_size)
+    w = decoded(words, scales, biases, bits, group_size)
+    gen = torch.Generator().manual_seed(1)
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 40):  # decode passes of 1-4 rows, two passes, decoded tiles
+        x = torch.randn(rows, 384, generator=gen)
+        want = x.double().numpy() @ w.T
+        got = affine_matmul(x, words, scales, biases, bits, group_size).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"{rows} rows")
+
+
+def int8_rounded(x: np.ndarray, group_size: int) -> np.ndarray:
+    """x as the integer products see it: each group rounded to int8 steps of max |x| / 127."""
+    groups = x.reshape(x.shape[0], -1, group_size).astype(np.float64)
+    step = np.abs(groups).max(-1, keepdims=True) / 127
+    return (np.rint(groups / np.where(step > 0, step, 1)) * step).reshape(x.shape)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int8_activation_products_equal_the_rounded_activations_times_the_weights(affine_matmul, group_size):
+    """4-bit weights with activations rounded to int8 per group: exact integer products, so the
+    result is the rounded activations times the decoded weights (and near the float products)."""
+    words, scales, biases = random_weight(72, 384, 4, group_size, torch.bfloat16, seed=group_size)
+    w = decoded(words, scales, biases, 4, group_size)
+    gen = torch.Generator().manual_seed(7)
+    for rows in (1, 3, 5, 8):
+        x = torch.randn(rows, 384, generator=gen)
+        got = affine_matmul(x, words, scales, biases, 4, group_size, True).numpy()
+        # The biases multiply the exact sums of x; the scales the rounded activations' products.
+        q = decoded(words, scales, torch.zeros_like(biases), 4, group_size)
+        b = w - q
+        want = int8_rounded(x.numpy(), group_size) @ q.T + x.double().numpy() @ b.T
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"{rows} rows")
+        exact = x.double().numpy() @ w.T
+        assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.02
+        alone = np.concatenate([affine_matmul(x[i : i + 1], words, scales, biases, 4, group_size, True).numpy()
+                                for i in range(rows)])
+        np.testing.assert_array_equal(got, alone)  # a row's bits do not depend on its block
+
+
+def test_tiles_cover_outputs_that_are_not_a_whole_number_of_tiles(affine_matmul):
+    words, scales, biases = random_weight(600, 256, 4, 64, torch.bfloat16, seed=3)
+    x = torch.randn(12, 256, generator=torch.Generator().manual_seed(2))
+    want = x.double().numpy() @ decoded(words, scales, biases, 4, 64).T
+    np.testing.assert_allclose(affine_matmul(x, words, scales, biases, 4, 64).numpy(), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+
+
+def test_a_row_gets_the_same_bits_in_any_block_of_up_to_eight(affine_matmul):
+    words, scales, biases = random_weight(40, 256, 4, 32, torch.bfloat16, seed=5)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(6))
+    alone = torch.cat([affine_matmul(x[i : i + 1], words, scales, biases, 4, 32) for i in range(8)])
+    for rows in range(2, 9):
+        assert torch.equal(affine_matmul(x[:rows], words, scales, biases, 4, 32), alone[:rows]), rows
+
+
+def test_bad_arguments_are_refused(affine_matmul):
+    words, scales, biases = random_weight(16, 256, 4, 64, torch.bfloat16, seed=0)
+    x = torch.randn(2, 256)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        affine_matmul(x, words, scales, biases, 3, 64)
+    with pytest.raises(RuntimeError, match="group_size"):
+        affine_matmul(x, words, scales, biases, 4, 48)
+    with pytest.raises(RuntimeError, match="inputs"):
+        affine_matmul(torch.randn(2, 128), words, scales, biases, 4, 64)
+    with pytest.raises(RuntimeError, match="float32"):
+        affine_matmul(x.double(), words, scales, biases, 4, 64)
+    with pytest.raises(RuntimeError, match="scales"):
+        affine_matmul(x, words, scales[:, :2], biases[:, :2], 4, 64)
+    words8, scales8, biases8 = random_weight(16, 256, 8, 64, torch.bfloat16, seed=0)
+    with pytest.raises(RuntimeError, match="int8 activations are for 4-bit"):
+        affine_matmul(x, words8, scales8, biases8, 8, 64, True)
+
+
+def test_the_kernel_can_be_turned_off(monkeypatch):
+    from sts_edge.cpu_kernels import affine_matmul as module
+
+    monkeypatch.setenv("STS_EDGE_CPU_KERNELS", "0")
+    module.kernel.cache_clear()
+    try:
+        assert module.kernel() is None and module.unavailable_reason() == "STS_EDGE_CPU_KERNELS=0"
+    finally:
+        monkeypatch.delenv("STS_EDGE_CPU_KERNELS")
+        module.kernel.cache_clear()
