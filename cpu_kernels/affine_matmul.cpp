@@ -67,6 +67,18 @@ inline __m256 lane_values(const float* per_group, int64_t chunk, int64_t chunk_v
   return _mm256_setr_m128(_mm_set1_ps(per_group[2 * chunk]), _mm_set1_ps(per_group[2 * chunk + 1]));
 }
 
+// Output o of each row: its accumulated products plus each group's bias times the group's sum of
+// that row's activations (exact float sums, so the biases see x itself).
+template <int ROWS>
+inline void store_row(const __m256* acc, const float* biases, const float* group_sums, int64_t groups, float* out,
+                      int64_t outputs) {
+  for (int r = 0; r < ROWS; ++r) {
+    float bias_term = 0.f;
+    for (int64_t g = 0; g < groups; ++g) bias_term += biases[g] * group_sums[r * groups + g];
+    out[r * outputs] = horizontal_sum(acc[r]) + bias_term;
+  }
+}
+
 // Calls pass(first_row, std::integral_constant<int, R>) for consecutive passes of R <= kPassRows
 // rows, as even as they come (5 rows: 2 + 3), R a compile-time constant for the register arrays.
 template <typename Pass>
@@ -115,12 +127,7 @@ void decode_rows(const float* x_permuted, const float* group_sums, const uint32_
       const __m256 s = lane_values(row_scales.data(), c, kChunkValues, group_size);
       for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_fmadd_ps(s, dot[r], acc[r]);
     }
-    for (int r = 0; r < ROWS; ++r) {
-      float bias_term = 0.f;
-      const float* sums = group_sums + r * groups;
-      for (int64_t g = 0; g < groups; ++g) bias_term += row_biases[g] * sums[g];
-      out[r * outputs + o] = horizontal_sum(acc[r]) + bias_term;
-    }
+    store_row<ROWS>(acc, row_biases.data(), group_sums, groups, out + o, outputs);
   }
 }
 
@@ -213,12 +220,7 @@ void decode_rows_int8(const int8_t* x_values, const float* x_lane_scales, const 
         acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(per_word, s), _mm256_loadu_ps(x_lane_scales + (r * chunks + c) * 8), acc[r]);
       }
     }
-    for (int r = 0; r < ROWS; ++r) {
-      float bias_term = 0.f;
-      const float* sums = group_sums + r * groups;
-      for (int64_t g = 0; g < groups; ++g) bias_term += row_biases[g] * sums[g];
-      out[r * outputs + o] = horizontal_sum(acc[r]) + bias_term;
-    }
+    store_row<ROWS>(acc, row_biases.data(), group_sums, groups, out + o, outputs);
   }
 }
 

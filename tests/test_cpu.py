@@ -108,11 +108,9 @@ def needs_cpu_kernel():
 @pytest.mark.parametrize("bits", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_quantized_cpu_path_matches_the_decoded_weights(bits, dtype, quantized_pair):
-    """4- and 8-bit layers, the tied LM head and the embedding stay packed in the checkpoint's own
-    layout and run through our CPU kernel; the reference is the same directory decoded to float32
-    in numpy at load (the loader's other path)."""
-    import torch
-
+    """4- and 8-bit layers stay packed in the checkpoint's own layout and run through our CPU kernel,
+    as a prefill-sized block (decoded tiles) and as a decode-sized one; the reference is the same
+    directory decoded to float32 in numpy at load (the loader's other path)."""
     from sts_edge.backends.torch.quantized import CpuAffineWeight, QuantizedLinear
 
     needs_cpu_kernel()
@@ -121,8 +119,11 @@ def test_quantized_cpu_path_matches_the_decoded_weights(bits, dtype, quantized_p
     layer = model.model.layers[0].mlp.gate_up
     assert isinstance(layer, QuantizedLinear) and isinstance(layer.packed, CpuAffineWeight)
     assert f"{bits} weights, {dtype} activations" in model.precision
-    got = model.verify(ids).logits()
     want = decoded_reference(quantized_pair[bits], ids)
+    got = model.verify(ids).logits()
+    model.rollback(0)
+    model.prefill(ids[:20])
+    got = np.concatenate([got[:20], model.verify(ids[20:]).logits()])  # the last 4 rows: the decode loop
     if dtype == "float32":  # float32 products of the same decoded weights, summed in another order
         np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
     else:  # bfloat16 activations round every layer's output: close, by norm and by choice

@@ -122,3 +122,16 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     finally:
         monkeypatch.delenv("STS_EDGE_CPU_KERNELS")
         module.kernel.cache_clear()
+
+
+def test_embedding_rows_are_decoded_in_float32_from_bfloat16_scales():
+    """Looked-up rows of a packed table are the weights the products see: decoded in float32 and
+    rounded once to the model's dtype, not rounded to the scales' bfloat16 on the way."""
+    from sts_edge.backends.torch.quantized import CpuAffineWeight
+
+    words, scales, biases = random_weight(50, 128, 4, 64, torch.bfloat16, seed=9)
+    table = CpuAffineWeight(words, scales, biases, 4, 64)
+    ids = torch.tensor([3, 0, 49, 3])
+    want = decoded(words, scales, biases, 4, 64)[ids.numpy()]
+    np.testing.assert_allclose(table.rows(ids, torch.float32).numpy(), want, rtol=1e-6, atol=1e-7)
+    assert table.rows(ids, torch.bfloat16).dtype == torch.bfloat16

@@ -37,9 +37,9 @@ class QuantizedWeight:
         return self.packed.shape[1], self.packed.shape[0] * 32 // self.bits
 
 
-def dequantize(weight: QuantizedWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """W [outputs, inputs] (or the outputs `rows` of it, as an embedding looks up) decoded in the
-    scales' dtype, with torch ops."""
+def dequantize(weight: QuantizedWeight, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W [outputs, inputs] (or the outputs `rows` of it, as an embedding looks up) decoded in `dtype`
+    (default: the scales' dtype), with torch ops."""
     packed, scales, biases = weight.packed, weight.scales, weight.biases
     if rows is not None:
         packed, scales, biases = packed[:, rows], scales[:, rows], biases[:, rows]
@@ -50,4 +50,4 @@ def dequantize(weight: QuantizedWeight, rows: torch.Tensor | None = None) -> tor
     inputs = words * per_word
     grouped = values.reshape(outputs, inputs // weight.group_size, weight.group_size).float()
     decoded = grouped * scales.t().float()[..., None] + biases.t().float()[..., None]
-    return decoded.reshape(outputs, inputs).to(scales.dtype)
+    return decoded.reshape(outputs, inputs).to(dtype or scales.dtype)

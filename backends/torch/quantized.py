@@ -45,10 +45,11 @@ class CpuAffineWeight:
                          self.int8_activations)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The decoded rows `ids` (an embedding lookup), in the scales' dtype."""
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The decoded rows `ids` (an embedding lookup) in `dtype`: decoded in float32 and rounded
+        once, as the products see the weights (the scales may be stored in a narrower dtype)."""
         transposed = QuantizedWeight(self.words.t(), self.scales.t(), self.biases.t(), self.bits, self.group_size)
-        return dequantize(transposed, rows=ids)
+        return dequantize(transposed, rows=ids, dtype=dtype)
 
 
 # `quantized_products` that asks 4-bit layers on the CPU to round decode-sized activations to int8
@@ -225,8 +226,9 @@ class QuantizedEmbedding(nn.Module):
             self.head = Int4PackWeight.from_quantized(self.packed, products)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.packed.rows(ids) if isinstance(self.packed, CpuAffineWeight) else dequantize(self.packed, rows=ids)
-        return rows.to(self.dtype)
+        if isinstance(self.packed, CpuAffineWeight):
+            return self.packed.rows(ids, self.dtype)
+        return dequantize(self.packed, rows=ids, dtype=self.dtype)
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.matmul(x) if self.head is not None else quantized_matmul(x, self.packed, check=False)
