@@ -38,7 +38,7 @@ import numpy as np
 from sts_edge.config import ModelConfig
 from sts_edge.errors import BackendUnavailableError
 from sts_edge.mask import VerificationPlan
-from sts_edge.sampling import GREEDY, SamplingParams, sample
+from sts_edge.sampling import GREEDY, SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
 # KV cache precisions a backend offers: 16 is the model's own dtype; 8 and 4 are quantized with a
@@ -161,10 +161,12 @@ class BackendModel:
     """The part of a CausalLM every backend shares. A subclass implements:
 
     _forward(tokens, start, last_only, *, scores, plan, draft_scores, observer) -> device logits
-        [n or 1, vocab] of tokens placed at start..; folds attention into `scores` (a buffer from
+        [n or 1, vocab] of tokens (a list, or the device array _choose returned) placed at start..; folds attention into `scores` (a buffer from
         _new_scores) when given; with `plan`, reads the sets it selects.
     _distributions(logits, sampling, vocab) -> Distributions over the first `vocab` ids.
-    _concat(logits_list) -> the rows one after another.
+    _choose(logits, sampling, uniform) -> the token [1] after logits [1, vocab], as a device array:
+        the argmax when greedy, else sts_edge.sampling.sample's draw for `uniform`.
+    _concat(arrays) -> the rows one after another.
     _new_scores(spec) -> a zeroed DraftScores buffer.
     """
 
@@ -203,35 +205,37 @@ class BackendModel:
         if forced is not None and len(forced) != gamma:
             raise ValueError(f"forced proposals must be gamma = {gamma} tokens, got {len(forced)}")
         buffer = self._new_scores(scores) if scores is not None else None
-        tokens: list[int] = []
-        rows = []
+        # Every draw of the round up front (as many as one by one), so that each token can be chosen
+        # where its logits are, and the host waits once per round, for the tokens, not once per step.
+        uniforms = [None] * gamma if sampling.greedy or forced is not None else rng.random(gamma).tolist()
+        rows, chosen = [], []
         for i in range(gamma):
             logits = self._step(pending, last_only=True, scores=buffer)
             rows.append(logits)
-            if forced is not None:
-                token = int(forced[i])
-            else:
-                step = self._distributions(logits, sampling, vocab)
-                token = step.argmax()[0] if sampling.greedy else sample(step.row(0), rng)
-            tokens.append(token)
-            pending = [token]
+            pending = [int(forced[i])] if forced is not None else \
+                self._choose(logits[-1:, :vocab], sampling, uniforms[i])
+            chosen.append(pending)
+        tokens = [int(t) for t in forced] if forced is not None else self._concat(chosen).tolist()
         return Proposal(tokens, self._distributions(self._concat(rows), sampling, vocab), buffer)
 
-    def _step(self, tokens: Sequence[int], last_only: bool, **reads: Any):
+    def _step(self, tokens, last_only: bool, **reads: Any):
         start, n = self._length, len(tokens)
         check_forward(start, n, self.capacity)
-        logits = self._forward(list(tokens), start, last_only, **reads)
+        logits = self._forward(tokens if hasattr(tokens, "shape") else list(tokens), start, last_only, **reads)
         self._length = start + n
         return logits
 
-    def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores=None, plan=None, draft_scores=None,
+    def _forward(self, tokens, start: int, last_only: bool, *, scores=None, plan=None, draft_scores=None,
                  observer=None):
         raise NotImplementedError
 
     def _distributions(self, logits, sampling: SamplingParams, vocab: int | None) -> Distributions:
         raise NotImplementedError
 
-    def _concat(self, logits_list: list):
+    def _choose(self, logits, sampling: SamplingParams, uniform: float | None):
+        raise NotImplementedError
+
+    def _concat(self, arrays: list):
         raise NotImplementedError
 
     def _new_scores(self, spec: ScoreSpec) -> DraftScores:

@@ -25,7 +25,7 @@ import numpy as np
 
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError, StsEdgeError
-from sts_edge.quantization import GROUP_SIZES, Quantization, quantize
+from sts_edge.quantization import BLOCK_VALUES, GROUP_SIZES, Quantization, quantize
 from sts_edge.weights import INDEX_FILE, as_float32, checkpoint_files, read_tensors, tensor_shapes
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -334,12 +334,26 @@ def write_weights(writer: ModelDirWriter, tensors: Iterator[tuple[str, np.ndarra
     writer.path("model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
 
 
+def dequantize_gguf(tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A GGUF tensor decoded to float32 `shape` by the gguf package, a block of rows at a time: its
+    numpy decoding holds temporaries several times what it decodes (gigabytes for an embedding
+    table at once). The file's rows are the tensor's."""
+    from gguf.quants import dequantize
+
+    if tensor.data.ndim < 2:
+        return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    out = np.empty(shape, dtype=np.float32)
+    rows = max(1, BLOCK_VALUES // int(np.prod(shape[1:])))
+    for first in range(0, shape[0], rows):
+        block = tensor.data[first : first + rows]
+        out[first : first + rows] = dequantize(block, tensor.tensor_type).reshape(len(block), *shape[1:])
+    return out
+
+
 def convert(gguf_path: str | Path, out_dir: str | Path, progress: bool = True, force: bool = False,
             quantization: Quantization | None = None) -> Path:
     """Convert a GGUF file into a model directory at `out_dir`, which must be new, empty, or (with
     `force`) a model directory converted before. The output is checked before the file is read."""
-    from gguf.quants import dequantize as gguf_dequantize
-
     with ModelDirWriter(Path(out_dir), force) as writer:
         gguf_path = Path(gguf_path)
         reader = open_gguf(gguf_path)
@@ -355,7 +369,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, progress: bool = True, f
 
         def tensors() -> Iterator[tuple[str, np.ndarray]]:
             for name, tensor in named:
-                weight = gguf_dequantize(tensor.data, tensor.tensor_type).reshape(shapes[name])
+                weight = dequantize_gguf(tensor, shapes[name])
                 if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
                     weight = unpermute(weight, heads if "q_proj" in name else kv_heads)
                 yield name, weight

@@ -80,6 +80,11 @@ class Quantization:
         return {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
 
 
+# Values quantized per block of rows: numpy's temporaries are several times a block's size (an
+# embedding table whole would take gigabytes), and rows are independent.
+BLOCK_VALUES = 1 << 22
+
+
 def quantize(weight: np.ndarray, group_size: int, bits: int, dtype: str | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(packed uint32 [out, in * bits / 32], scales [out, in / group_size], biases) of float weight
@@ -89,6 +94,15 @@ def quantize(weight: np.ndarray, group_size: int, bits: int, dtype: str | None =
     out, columns = weight.shape
     if columns % group_size:
         raise ModelLoadError(f"a weight of {columns} inputs is not a whole number of groups of {group_size}")
+    rows = max(1, BLOCK_VALUES // columns)
+    blocks = [quantize_rows(weight[first : first + rows], group_size, bits, dtype) for first in range(0, out, rows)]
+    return tuple(np.concatenate(parts) for parts in zip(*blocks))
+
+
+def quantize_rows(weight: np.ndarray, group_size: int, bits: int, dtype: str | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`quantize` of a block of rows."""
+    out, columns = weight.shape
     groups = weight.reshape(out, columns // group_size, group_size).astype(np.float32)
     n_bins = np.float32(2**bits - 1)
     w_max, w_min = groups.max(axis=-1), groups.min(axis=-1)
@@ -117,5 +131,8 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     """Values [out, n] (< 2^bits) into uint32 words [out, n * bits / 32], least significant bits first:
     one little-endian bit stream, as `dequantize` reads it."""
     out, n = values.shape
+    if 32 % bits == 0:  # whole values per word: shift each into place (`dequantize`'s inverse)
+        shifts = np.arange(0, 32, bits, dtype=np.uint32)
+        return np.bitwise_or.reduce(values.reshape(out, n * bits // 32, 32 // bits) << shifts, axis=-1)
     stream = ((values[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(out, n * bits)
     return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)

@@ -71,14 +71,18 @@ def our_quantized(model_dirs, tmp_path_factory):
     return out
 
 
-def test_our_quantizer_is_mlx_s_rule(model_dirs):
+@pytest.mark.parametrize("block_rows", [None, 5])
+def test_our_quantizer_is_mlx_s_rule(block_rows, monkeypatch):
+    """Bit for bit, whole or in blocks of rows (a block of 5 leaves a partial last one)."""
     import mlx.core as mx
 
-    from sts_edge.quantization import quantize
+    from sts_edge import quantization
 
+    if block_rows:
+        monkeypatch.setattr(quantization, "BLOCK_VALUES", block_rows * 256)
     weights = np.random.default_rng(3).normal(size=(32, 256)).astype(np.float32)
-    for bits, group_size in ((4, 32), (4, 64), (8, 128)):
-        ours = quantize(weights, group_size, bits)
+    for bits, group_size in ((4, 32), (4, 64), (8, 128), (2, 32), (3, 32), (6, 64)):
+        ours = quantization.quantize(weights, group_size, bits)
         theirs = mx.quantize(mx.array(weights), group_size=group_size, bits=bits)
         for got, want in zip(ours, theirs):
             np.testing.assert_array_equal(got, np.array(want))

@@ -11,6 +11,8 @@ from sts_edge.sampling import SamplingParams, probabilities
 from sts_edge.speculative import GenerationStats, generate_tokens
 
 BACKENDS = ["torch-cpu", "mlx"]
+# Where a round's drafts are chosen on a GPU (and its steps replay CUDA graphs).
+WITH_GPU = BACKENDS + [pytest.param("cuda", marks=pytest.mark.gpu)]
 GREEDY = SamplingParams()
 
 
@@ -127,14 +129,15 @@ def always_accept(draft_tokens, draft_probs, target_probs, params, rng):
     return len(draft_tokens), sample(target_probs.row(len(draft_tokens)), rng)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_GPU)
 def test_rejection_sampling_is_lossless(backend, tiny_vocab_pair):
     target_dir, draft_dir = tiny_vocab_pair
     params = SamplingParams(temperature=1.0)
     prompt = [1, 5, 2, 7]
     exact = exact_two_token_distribution(target_dir, prompt, params)
-    target = load_model(target_dir, backend, max_seq_len=32)
-    draft = load_model(draft_dir, backend, max_seq_len=32)
+    exact_products = {"dtype": "float32"} if backend == "cuda" else {}  # a GPU would default to bfloat16
+    target = load_model(target_dir, backend, max_seq_len=32, **exact_products)
+    draft = load_model(draft_dir, backend, max_seq_len=32, **exact_products)
     runs = 3000
     counts = sampled_two_token_counts(target, draft, prompt, params, runs)
     # At this sample size a correct sampler fails with probability 1e-4; a rule that skews the
@@ -142,6 +145,27 @@ def test_rejection_sampling_is_lossless(backend, tiny_vocab_pair):
     assert chi_square_pvalue(counts, exact) > 1e-4
     broken = sampled_two_token_counts(target, draft, prompt, params, runs, accept=always_accept)
     assert chi_square_pvalue(broken, exact) < 1e-8
+
+
+@pytest.mark.parametrize("backend", WITH_GPU)
+def test_sampled_drafts_chosen_on_the_device_are_the_hosts_draws(backend, draft_dir, prompt):
+    """A round's sampled drafts are chosen where the logits are (the host waits once per round),
+    from uniforms taken up front: each token is sts_edge.sampling.sample's draw (numpy) from the
+    round's own distribution row with the same generator, and the generator ends where that leaves it."""
+    from sts_edge.sampling import sample
+
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    model = load_model(draft_dir, backend, max_seq_len=64)
+    model.prefill(prompt[:-1])
+    rng, reference_rng = np.random.default_rng(5), np.random.default_rng(5)
+    pending, tokens = prompt[-1:], []
+    for _ in range(4):
+        proposal = model.draft(pending, 5, params, rng, vocab=300)
+        assert proposal.tokens == [sample(proposal.probs.row(i), reference_rng) for i in range(5)]
+        tokens += proposal.tokens
+        pending = proposal.tokens[-1:]  # a round's last draft token is not run
+    assert len(set(tokens)) > 5  # sampled, not greedy
+    assert rng.random() == reference_rng.random()
 
 
 # --- rollback ----------------------------------------------------------------------------------

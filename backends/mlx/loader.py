@@ -10,7 +10,7 @@ import mlx.nn as nn
 from sts_edge.backend import KV_GROUP_SIZE, BackendModel, ScoreSpec, VerificationObserver
 from sts_edge.backends.mlx.attention import ScoreBuffer
 from sts_edge.backends.mlx.model import KVCache, QuantizedKVCache, Reads, Transformer
-from sts_edge.backends.mlx.sampling import MLXDistributions
+from sts_edge.backends.mlx.sampling import MLXDistributions, choose
 from sts_edge.backends.mlx.selection import LayerSets
 from sts_edge.config import ModelConfig
 from sts_edge.errors import ModelLoadError
@@ -42,21 +42,26 @@ class MLXModel(BackendModel):
         kv = f", int{kv_bits} KV" if kv_bits != 16 else ""
         self.precision = f"{'+'.join(f'int{b}' for b in bits) or name} weights, {name} activations{kv}"
 
-    def _forward(self, tokens: list[int], start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
+    def _forward(self, tokens: list[int] | mx.array, start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
                  plan: VerificationPlan | None = None, draft_scores: ScoreBuffer | None = None,
                  observer: VerificationObserver | None = None) -> mx.array:
         sets = None
         if plan is not None and not plan.policy.is_dense_at(start):
             sets = LayerSets(plan, start, units(self.config, plan.policy.granularity),
                              draft_scores.buffer if draft_scores is not None else None)
-        logits = self.model(mx.array(tokens, dtype=mx.int32), self.caches, start, not last_only,
-                            Reads(sets=sets, scores=scores, observer=observer))
-        # Evaluate the cache (and score) writes with the logits so the lazy graph never outlives one step.
-        mx.eval(logits, [c.arrays() for c in self.caches], scores.buffer if scores is not None else [])
+        ids = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
+        logits = self.model(ids, self.caches, start, not last_only, Reads(sets=sets, scores=scores, observer=observer))
+        # Start the cache (and score) writes with the logits, so that the lazy graph never outlives
+        # one step, without waiting for them: a draft round's steps queue one after another and the
+        # host waits once, for its tokens.
+        mx.async_eval(logits, [c.arrays() for c in self.caches], scores.buffer if scores is not None else [])
         return logits
 
     def _distributions(self, logits: mx.array, sampling: SamplingParams, vocab: int | None) -> MLXDistributions:
         return MLXDistributions(logits, sampling, vocab)
+
+    def _choose(self, logits: mx.array, sampling: SamplingParams, uniform: float | None) -> mx.array:
+        return choose(logits, sampling, uniform)
 
     def _concat(self, logits_list: list[mx.array]) -> mx.array:
         return mx.concatenate(logits_list)

@@ -66,3 +66,14 @@ class MLXDistributions:
         if self._probs is None:
             self._probs = probabilities(self._logits, self._params)
         return self._probs
+
+
+def choose(logits: mx.array, params: SamplingParams, uniform: float | None) -> mx.array:
+    """The next token [1] after logits [1, vocab], left lazy: the argmax when greedy, else
+    sts_edge.sampling.sample's draw for `uniform` (the same cumulative sum and search; float32, as
+    MLX's GPU has no float64)."""
+    if params.greedy:
+        return mx.argmax(logits, axis=-1)
+    cdf = mx.cumsum(probabilities(logits, params)[0], axis=-1)
+    # The count of cdf entries at or below the point is searchsorted(side="right").
+    return mx.minimum((cdf <= uniform * cdf[-1]).sum(axis=-1, keepdims=True), cdf.shape[-1] - 1)

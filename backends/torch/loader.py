@@ -5,18 +5,17 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from sts_edge.backend import PREFILL_CHUNK, BackendModel, Proposal, ScoreSpec, VerificationObserver, check_forward
+from sts_edge.backend import PREFILL_CHUNK, BackendModel, ScoreSpec, VerificationObserver
 from sts_edge.backends.torch.attention import ScoreBuffer
 from sts_edge.backends.torch.graphs import DecodeGraphs
 from sts_edge.backends.torch.model import Reads, Transformer
 from sts_edge.backends.torch.quantized import (INT8_PRODUCTS, CpuAffineWeight, Int4PackWeight, QuantizedLinear,
                                                cpu_kernel_reads, int4pack_readable, swap_in_quantized)
-from sts_edge.backends.torch.sampling import TorchDistributions
+from sts_edge.backends.torch.sampling import TorchDistributions, choose
 from sts_edge.backends.torch.selection import LayerSets
 from sts_edge.config import ModelConfig
 from sts_edge.cpu_kernels.affine_matmul import unavailable_reason as cpu_kernel_missing
@@ -70,29 +69,6 @@ class TorchModel(BackendModel):
             self.prefill_chunk = PREFILL_CHUNK // 2
 
     @torch.inference_mode()
-    def draft(self, pending: Sequence[int], gamma: int, sampling: SamplingParams, rng: np.random.Generator, *,
-              vocab: int | None = None, scores: ScoreSpec | None = None, forced: Sequence[int] | None = None) -> Proposal:
-        """Greedy drafts choose each token on the device and feed it to the next step as a device
-        tensor: the host waits once per round (for the tokens), not once per draft token. Sampled
-        drafts take the host path of BackendModel.draft (its numpy generator keeps rejection
-        sampling exact and reproducible)."""
-        if not sampling.greedy or forced is not None:
-            return super().draft(pending, gamma, sampling, rng, vocab=vocab, scores=scores, forced=forced)
-        buffer = self._new_scores(scores) if scores is not None else None
-        ids = torch.tensor(list(pending), dtype=torch.long, device=self.device)
-        rows, chosen = [], []
-        for _ in range(gamma):
-            start = self._length
-            check_forward(start, len(ids), self.capacity)
-            logits = self._forward(ids, start, True, scores=buffer)
-            self._length = start + len(ids)
-            rows.append(logits)
-            ids = logits[-1:, :vocab].argmax(dim=-1)  # TorchDistributions.argmax's choice, left on the device
-            chosen.append(ids)
-        tokens = torch.cat(chosen).tolist()
-        return Proposal(tokens, self._distributions(self._concat(rows), sampling, vocab), buffer)
-
-    @torch.inference_mode()
     def _forward(self, tokens: list[int] | torch.Tensor, start: int, last_only: bool, *, scores: ScoreBuffer | None = None,
                  plan: VerificationPlan | None = None, draft_scores: ScoreBuffer | None = None,
                  observer: VerificationObserver | None = None) -> torch.Tensor:
@@ -113,6 +89,9 @@ class TorchModel(BackendModel):
 
     def _distributions(self, logits: torch.Tensor, sampling: SamplingParams, vocab: int | None) -> TorchDistributions:
         return TorchDistributions(logits, sampling, vocab)
+
+    def _choose(self, logits: torch.Tensor, sampling: SamplingParams, uniform: float | None) -> torch.Tensor:
+        return choose(logits, sampling, uniform)
 
     def _concat(self, logits_list: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(logits_list)

@@ -74,6 +74,10 @@ class Int4PackWeight:
     scales_and_zeros: torch.Tensor  # [inputs / group_size, outputs, 2]
     group_size: int
 
+    # The CPU layout packs outputs in blocks of up to 64 (the block depends on the instruction set):
+    # layouts stack along the outputs only where each block is whole.
+    CPU_BLOCK = 64
+
     @classmethod
     def from_mlx(cls, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group_size: int,
                  dtype: torch.dtype, chunk: int = 4096) -> "Int4PackWeight":
@@ -252,11 +256,15 @@ def swap_in_quantized(model: nn.Module, settings: dict[str, tuple[int, int]]) ->
 def fuse_quantized(*layers: QuantizedLinear) -> QuantizedLinear | None:
     """One quantized layer stacking the layers' outputs (one product for q/k/v, or gate/up); None
     when their formats differ. Called after `repack`; the model then runs the stacked layer on every
-    path, and the layers give up their tensors, so nothing is stored twice."""
+    path, and the layers give up their tensors, so nothing is stored twice. None also where the
+    layouts cannot be stacked (PyTorch's CPU int4 blocks, below)."""
     first = layers[0]
     if any((layer.bits, layer.group_size, layer.inputs, type(layer.packed)) !=
            (first.bits, first.group_size, first.inputs, type(first.packed)) for layer in layers):
         return None
+    if isinstance(first.packed, Int4PackWeight) and not first.packed.packed.is_cuda and \
+            any(layer.outputs % Int4PackWeight.CPU_BLOCK for layer in layers[:-1]):
+        return None  # a partial block of outputs would sit inside the stacked layout
     has_bias = first.bias is not None
     with torch.device("meta"):
         fused = QuantizedLinear(first.inputs, sum(layer.outputs for layer in layers), first.bits, first.group_size, has_bias)

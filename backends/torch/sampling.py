@@ -69,3 +69,14 @@ class TorchDistributions:
         if self._probs is None:
             self._probs = probabilities(self._logits, self._params)
         return self._probs
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, uniform: float | None) -> torch.Tensor:
+    """The next token [1] after logits [1, vocab], left on the device: the argmax when greedy, else
+    sts_edge.sampling.sample's draw for `uniform` (the same cumulative sum and search, in float64)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    cdf = probabilities(logits, params)[0].double().cumsum(dim=-1)
+    # The count of cdf entries at or below the point is searchsorted(side="right"); the uniform stays
+    # a kernel argument, so nothing is copied to the device.
+    return (cdf <= uniform * cdf[-1]).sum(dim=-1, keepdim=True).clamp_(max=cdf.shape[-1] - 1)
