@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--granularity", default="kv", help="kv, query, or kv,query to compare one set per KV head with one per query head")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--calibration", default="auto", help="'auto', a file, or 'none'")
+    parser.add_argument("--draft-kv-bits", type=int, default=16, choices=(16, 8, 4),
+                        help="the draft's KV cache precision (its scores, and so the sts sets, come from it)")
     parser.add_argument("--out", default="eval_quality.json", help="JSON output; the plot goes beside it as .png")
     args = parser.parse_args(argv)
 
@@ -240,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         text = raw.decode("latin-1")
     text = text.replace("\r\n", "\n")
     calibration = None if args.calibration == "none" else args.calibration
-    engine = load(args.model, args.draft, backend=args.backend, max_seq_len=args.context + args.eval_tokens + 8, calibration=calibration)
+    engine = load(args.model, args.draft, backend=args.backend, max_seq_len=args.context + args.eval_tokens + 8, calibration=calibration,
+                  draft_kv_bits=args.draft_kv_bits)
     tokens = engine.tokenizer.encode(text)
     budgets = [parse_budget(b) for b in args.budgets.split(",")]
     names = [n for n in args.policies.split(",") if n]
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": datetime.date.today().isoformat(),
         "model": args.model, "draft": args.draft, "text": Path(args.text).name,
-        "context": args.context, "eval_tokens": args.eval_tokens, "gamma": args.gamma,
+        "context": args.context, "eval_tokens": args.eval_tokens, "gamma": args.gamma, "draft_kv_bits": args.draft_kv_bits,
         "backend": engine.backend, "calibrated": bool(engine.calibration),
         "machine": platform.platform(), "versions": {p: version(p) for p in ("sts-edge", "numpy")},
         "results": results,

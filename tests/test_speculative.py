@@ -12,7 +12,8 @@ from sts_edge.speculative import GenerationStats, generate_tokens
 
 BACKENDS = ["torch-cpu", "mlx"]
 # Where a round's drafts are chosen on a GPU (and its steps replay CUDA graphs).
-WITH_GPU = BACKENDS + [pytest.param("cuda", marks=pytest.mark.gpu)]
+WITH_GPU = BACKENDS + [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])]
 GREEDY = SamplingParams()
 
 
