@@ -19,3 +19,7 @@ class ContextLengthError(StsEdgeError):
 
 class BackendUnavailableError(StsEdgeError):
     """The requested backend's libraries are not installed or its device is absent."""
+
+
+class ChatTemplateError(StsEdgeError):
+    """Chat messages the model's template cannot render (or a model without one)."""

@@ -11,9 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# Temperatures below this sample greedily: dividing logits by them overflows float32 (5e-324 turns
+# every distribution into NaN), and above it the distribution is one-hot at float precision anyway.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None
@@ -28,7 +33,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sts_edge.errors import ModelLoadError
+from sts_edge.errors import ChatTemplateError, ModelLoadError
 
 
 def _token_text(token: Any) -> str | None:
@@ -77,17 +77,24 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Iterable[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        from jinja2.exceptions import TemplateError
+
         if not self.chat_template:
-            raise ModelLoadError(
-                f"{self.model_dir}: this model has no chat template (tokenizer_config.json has no "
-                "'chat_template'); pass a plain prompt instead of messages."
-            )
-        return _compiled_template(self.chat_template).render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+            raise ChatTemplateError("this model has no chat template (its tokenizer_config.json has no "
+                                    "'chat_template'); pass a plain prompt instead of messages")
+        rendered, size = [], 0
+        try:
+            for piece in _compiled_template(self.chat_template).generate(
+                    messages=list(messages), add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token or "", eos_token=self.eos_token or ""):
+                size += len(piece)
+                if size > MAX_TEMPLATE_CHARS:
+                    raise ChatTemplateError(f"the chat template wrote more than {MAX_TEMPLATE_CHARS} characters for "
+                                            "these messages, more than any KV cache holds; stopped")
+                rendered.append(piece)
+        except TemplateError as err:  # raise_exception (bad role order, say), undefined names, the sandbox
+            raise ChatTemplateError(f"the model's chat template refused these messages: {err}") from None
+        return "".join(rendered)
 
     def encode_chat(self, messages: Iterable[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         # The template writes the BOS token itself, so the post-processor must not add another.
@@ -99,6 +106,9 @@ class Tokenizer:
 
 
 _TEMPLATE_CACHE: dict[str, Any] = {}
+# A rendered prompt longer than this is a template running away (a loop in a hostile template), not
+# a conversation: rendering stops there.
+MAX_TEMPLATE_CHARS = 1 << 24
 
 
 def _compiled_template(source: str) -> Any:
