@@ -417,3 +417,37 @@ def test_fuzzed_requests_all_get_well_formed_answers_and_change_nothing(server, 
 
     check()
     assert raw_request(server, "POST", "/v1/completions", fixed)[1]["choices"] == before
+
+
+def test_a_request_whose_client_leaves_mid_generation_stops_at_the_next_token(engine, monkeypatch):
+    import time
+
+    srv = CompletionServer(("127.0.0.1", 0), engine, "tiny-llama", quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    host, port = srv.server_address[:2]
+    started, left = threading.Event(), threading.Event()
+    real_stream = engine.stream
+
+    def stream(*args, **kwargs):  # the engine's own generation, held after its first piece until the client left
+        pieces = real_stream(*args, **kwargs)
+        yield next(pieces)
+        started.set()
+        left.wait(60)
+        yield from pieces
+
+    monkeypatch.setattr(engine, "stream", stream)
+    try:
+        client = socket.create_connection((host, port))
+        client.sendall(post_bytes("/v1/completions", '{"prompt": "w1 w2", "max_tokens": 200, "temperature": 0}'))
+        assert started.wait(60)
+        client.close()
+        left.set()
+        for _ in range(600):
+            if metric(srv, "sts_edge_requests_cancelled_total") == 1:
+                break
+            time.sleep(0.05)
+        assert metric(srv, "sts_edge_requests_cancelled_total") == 1
+        assert metric(srv, "sts_edge_generated_tokens_total") < 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
