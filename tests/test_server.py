@@ -259,7 +259,9 @@ def test_query_strings_and_tiny_temperatures(server, engine):
 @pytest.mark.parametrize("template,fragment", [
     ("{{ raise_exception('Conversation roles must alternate user/assistant') }}", "roles must alternate"),
     ("{{ messages.append(1) }}", "refused"),  # the sandbox
+    ("{{ nothing.attribute }}", "refused"),  # an undefined name
     ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "more than"),  # a runaway template
+    ("{% if false %}x{% endif %}", "no tokens"),  # a prompt of no tokens at all
     (None, "no chat template"),
 ])
 def test_chat_template_failures_are_400_and_name_no_path(server, engine, model_dirs, template, fragment):
