@@ -90,6 +90,7 @@ class TorchModel(BackendModel):
     def _distributions(self, logits: torch.Tensor, sampling: SamplingParams, vocab: int | None) -> TorchDistributions:
         return TorchDistributions(logits, sampling, vocab)
 
+    @torch.inference_mode()
     def _choose(self, logits: torch.Tensor, sampling: SamplingParams, uniform: float | None) -> torch.Tensor:
         return choose(logits, sampling, uniform)
 
