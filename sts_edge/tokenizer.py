@@ -8,6 +8,8 @@ end-of-sequence ids come from generation_config.json and tokenizer_config.json t
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -83,10 +85,12 @@ class Tokenizer:
             raise ChatTemplateError("this model has no chat template (its tokenizer_config.json has no "
                                     "'chat_template'); pass a plain prompt instead of messages")
         rendered, size = [], 0
+        _render.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
         try:
             for piece in _compiled_template(self.chat_template).generate(
                     messages=list(messages), add_generation_prompt=add_generation_prompt,
                     bos_token=self.bos_token or "", eos_token=self.eos_token or ""):
+                _check_render_time()
                 size += len(piece)
                 if size > MAX_TEMPLATE_CHARS:
                     raise ChatTemplateError(f"the chat template wrote more than {MAX_TEMPLATE_CHARS} characters for "
@@ -94,6 +98,8 @@ class Tokenizer:
                 rendered.append(piece)
         except TemplateError as err:  # raise_exception (bad role order, say), undefined names, the sandbox
             raise ChatTemplateError(f"the model's chat template refused these messages: {err}") from None
+        finally:
+            _render.deadline = float("inf")
         return "".join(rendered)
 
     def encode_chat(self, messages: Iterable[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
@@ -106,9 +112,19 @@ class Tokenizer:
 
 
 _TEMPLATE_CACHE: dict[str, Any] = {}
-# A rendered prompt longer than this is a template running away (a loop in a hostile template), not
-# a conversation: rendering stops there.
+# A rendered prompt longer than this, or a render taking longer, is a template running away (a loop
+# in a hostile template), not a conversation: rendering stops there. Time is checked at every call
+# the template makes (a loop's range() included) and every piece it writes, which bounds every loop
+# that does either; a loop that does neither over a long string is beyond what the sandbox can see.
 MAX_TEMPLATE_CHARS = 1 << 24
+MAX_TEMPLATE_SECONDS = 5.0
+_render = threading.local()  # this thread's render deadline
+
+
+def _check_render_time() -> None:
+    if time.monotonic() > getattr(_render, "deadline", float("inf")):
+        raise ChatTemplateError(f"the chat template ran for more than {MAX_TEMPLATE_SECONDS:g} s on these "
+                                "messages; stopped")
 
 
 def _compiled_template(source: str) -> Any:
@@ -123,7 +139,12 @@ def _compiled_template(source: str) -> Any:
         def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
             return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        class TimedSandbox(ImmutableSandboxedEnvironment):
+            def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+                _check_render_time()
+                return super().call(__context, __obj, *args, **kwargs)
+
+        env = TimedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

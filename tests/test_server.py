@@ -453,3 +453,16 @@ def test_a_request_whose_client_leaves_mid_generation_stops_at_the_next_token(en
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_chat_template_that_runs_too_long_is_stopped(server, engine, monkeypatch):
+    """A render has MAX_TEMPLATE_SECONDS: a loop of 3 * 10^8 empty iterations (minutes unbounded) is
+    stopped at a range() call and answered 400."""
+    from sts_edge import tokenizer
+
+    monkeypatch.setattr(tokenizer, "MAX_TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(engine.tokenizer, "chat_template",
+                        "{% for i in range(100000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}")
+    status, payload = raw_request(server, "POST", "/v1/chat/completions",
+                                  json.dumps({"messages": MESSAGES, "max_tokens": 2}).encode())
+    assert status == 400 and "ran for more than 0.5 s" in payload["error"]["message"]
