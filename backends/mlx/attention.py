@@ -1,9 +1,10 @@
 """Attention over the live part of the KV cache in MLX: one entry, `attend`, for every forward.
 
 A forward reads the cache densely, densely while folding its probabilities into the draft's
-running scores, or over index sets (verification with a sparse policy). These are plain MLX ops,
-which run everywhere (Metal or CPU); Metal kernels (metal_kernels/) will take over the hot paths
-where Metal is present and are tested against these. Tensors are [1, heads, tokens, head_dim].
+running scores, or over index sets (verification with a sparse policy). On Metal, our kernels
+(metal_kernels/attention.py) take the sparse and the scored forwards; MLX's own
+scaled_dot_product_attention keeps the plain dense one. The plain MLX ops below run everywhere
+(Metal or CPU) and are what the kernels are tested against. Tensors are [1, heads, tokens, head_dim].
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from sts_edge.backend import ScoreSpec
+from sts_edge.metal_kernels import attention as metal
 
 
 @dataclass
@@ -34,8 +36,18 @@ def attend(q: mx.array, cache_k: mx.array, cache_v: mx.array, start: int, scale:
     capacity, d] (the block already written): over `sets` [units, kept] plus the block, or densely,
     folding the probabilities into row `layer` of `scores` when given."""
     n = q.shape[2]
+    kernels = metal.usable(q)
     if sets is not None:
+        if kernels:
+            units, kept = sets.shape
+            offsets = mx.arange(0, (units + 1) * kept, kept, dtype=mx.int32)
+            return metal.sparse_attention(q, cache_k, cache_v, start, sets.reshape(-1), offsets, scale, max_rows=kept)
         return sparse_attend(q, cache_k, cache_v, start, sets, scale)
+    if scores is not None and kernels:
+        live = scores.buffer[layer, :, : start + n]
+        out, folded = metal.dense_attention_with_scores(q, cache_k, cache_v, start, scale, live, scores.spec.aggregation)
+        scores.buffer[layer, :, : start + n] = folded
+        return out
     keys, values = cache_k[:, :, : start + n], cache_v[:, :, : start + n]
     if scores is not None:
         return attend_and_score(q, keys, values, start, scale, scores, layer)
