@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_latency import header
+from sts_edge.bench.latency import header
 
 
 def median_ms(call, repeats: int) -> float:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if cpu_threads() is not None:  # as the runtime sets them, for the products measured before it loads
         torch.set_num_threads(cpu_threads())
-    report = {**header(), "what": "scripts/profile_cpu.py (see its docstring)", "threads": torch.get_num_threads()}
+    report = {**header("torch-cpu"), "what": "scripts/profile_cpu.py (see its docstring)", "threads": torch.get_num_threads()}
     report["products"] = products([int(r) for r in args.rows.split(",")])
     engine = api.load(args.model, args.draft, backend="torch-cpu", max_seq_len=args.context + 64)
     report["threads"] = torch.get_num_threads()

@@ -131,7 +131,8 @@ def check_fits(model: CausalLM, prompt_len: int, lookahead: int) -> None:
         )
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -234,7 +235,7 @@ def generate_tokens(
     for model in models:
         check_fits(model, len(prompt), lookahead)
     # Keep the cached prefix the prompt shares, but prefill at least one token for its distribution.
-    keep = min(_common_prefix(cache_tokens, prompt), len(prompt) - 1) if cache_tokens else 0
+    keep = min(common_prefix(cache_tokens, prompt), len(prompt) - 1) if cache_tokens else 0
     for model in models:
         model.rollback(min(model.length, keep))
     stats = stats if stats is not None else GenerationStats()

@@ -95,11 +95,13 @@ def test_sparse_kernel_matches_the_plain_path(kernels, granularity):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("n", [1, 5])
-def test_dense_kernel_matches_the_plain_path(kernels, dtype, n):
+def test_dense_kernel_matches_the_plain_path(kernels, dtype, head_dim, group, n):
     mx_dtype, tolerance = DTYPES[dtype]
     rng = np.random.default_rng(n)
-    kv_heads, group, start, head_dim = 2, 4, 99, 128
+    kv_heads, start = 2, 99
     k, _ = cache(rng, kv_heads, 128, head_dim, mx_dtype)
     v, _ = cache(rng, kv_heads, 128, head_dim, mx_dtype)
     q, _ = cache(rng, kv_heads * group, n, head_dim, mx_dtype)
@@ -112,20 +114,23 @@ def test_dense_kernel_matches_the_plain_path(kernels, dtype, n):
 @pytest.mark.parametrize("granularity", ["kv", "query"])
 @pytest.mark.parametrize("aggregation", ["max", "sum"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_scored_kernel_matches_the_plain_path(kernels, granularity, aggregation, n, monkeypatch):
+@pytest.mark.parametrize("dtype,head_dim,group", [("float16", 64, 4), ("bfloat16", 128, 8), ("float16", 128, 1)])
+def test_scored_kernel_matches_the_plain_path(kernels, granularity, aggregation, n, dtype, head_dim, group, monkeypatch):
+    mx_dtype, tolerance = DTYPES[dtype]
     rng = np.random.default_rng(7)
-    kv_heads, group, start, head_dim, capacity = 2, 4, 70, 64, 96
+    kv_heads, start, capacity = 2, 70, 96
     monkeypatch.setattr(metal, "ROWS_PER_SPLIT", 24)  # three splits
-    k, _ = cache(rng, kv_heads, capacity, head_dim, mx.float16)
-    v, _ = cache(rng, kv_heads, capacity, head_dim, mx.float16)
-    q, _ = cache(rng, kv_heads * group, n, head_dim, mx.float16)
+    k, _ = cache(rng, kv_heads, capacity, head_dim, mx_dtype)
+    v, _ = cache(rng, kv_heads, capacity, head_dim, mx_dtype)
+    q, _ = cache(rng, kv_heads * group, n, head_dim, mx_dtype)
     units = kv_heads if granularity == "kv" else kv_heads * group
     before = rng.random((2, units, capacity)).astype(np.float32) * 0.05  # earlier steps' scores
     buffer = plain.ScoreBuffer(mx.array(before), ScoreSpec(granularity, aggregation))
-    expected = plain.attend_and_score(q, k[:, :, : start + n], v[:, :, : start + n], start, 0.125, buffer, 1)
-    out, folded = metal.dense_attention_with_scores(q, k, v, start, 0.125, mx.array(before[1, :, : start + n]),
+    scale = head_dim**-0.5
+    expected = plain.attend_and_score(q, k[:, :, : start + n], v[:, :, : start + n], start, scale, buffer, 1)
+    out, folded = metal.dense_attention_with_scores(q, k, v, start, scale, mx.array(before[1, :, : start + n]),
                                                     aggregation, kernels=kernels)
-    np.testing.assert_allclose(np.array(out.astype(mx.float32)), np.array(expected.astype(mx.float32)), atol=4e-3)
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), np.array(expected.astype(mx.float32)), atol=tolerance)
     np.testing.assert_allclose(np.array(folded), np.array(buffer.buffer[1, :, : start + n]), atol=1e-5, rtol=1e-4)
 
 
