@@ -23,9 +23,9 @@ import mlx.core as mx
 
 HEAD_DIMS = (64, 128)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-SIMDGROUPS = 8  # per threadgroup: 256 threads, each simdgroup on every 8th row of a split
-QUERIES_PER_TILE = 8  # QMAX in split_attention.metal
-ROWS_PER_SPLIT = 256  # a split gives each simdgroup about 32 rows
+QUERIES_PER_SIMDGROUP = 8  # QMAX in split_attention.metal
+MAX_SIMDGROUPS = 16  # per threadgroup: a tile of up to 128 queries reads each K/V row once
+ROWS_PER_SPLIT = 256
 MAX_SPLITS = 32
 PARAMS = 8  # ints in split_attention.metal's params
 ENABLED = os.environ.get("STS_EDGE_METAL_KERNELS", "1") != "0"
@@ -83,14 +83,15 @@ def _attention(q: mx.array, cache_k: mx.array, cache_v: mx.array, start: int, sc
     if dense:  # unused inputs of the dense variant
         indices = offsets = mx.zeros((1,), dtype=mx.int32)
     splits = max(1, min(MAX_SPLITS, math.ceil(max_rows / ROWS_PER_SPLIT)))
-    tiles = math.ceil(heads // lists * n / QUERIES_PER_TILE)
+    simdgroups = min(MAX_SIMDGROUPS, math.ceil(heads // lists * n / QUERIES_PER_SIMDGROUP))
+    tiles = math.ceil(heads // lists * n / (QUERIES_PER_SIMDGROUP * simdgroups))
     rows, length = heads * n, start + n
     params = mx.array([start, n, heads, kv_heads, lists, splits, tiles, capacity], dtype=mx.int32)
     o_part, lse_part, logits = kernels.split(
         inputs=[q.reshape(rows, head_dim), cache_k.reshape(kv_heads, capacity, head_dim),
                 cache_v.reshape(kv_heads, capacity, head_dim), indices, offsets, params, mx.array([scale], dtype=mx.float32)],
-        template=[("T", q.dtype), ("D", head_dim), ("BN", SIMDGROUPS), ("DENSE", dense), ("SCORES", scores)],
-        grid=(32 * SIMDGROUPS, splits + 1, lists * tiles), threadgroup=(32 * SIMDGROUPS, 1, 1),
+        template=[("T", q.dtype), ("D", head_dim), ("BN", simdgroups), ("DENSE", dense), ("SCORES", scores)],
+        grid=(32 * simdgroups, splits + 1, lists * tiles), threadgroup=(32 * simdgroups, 1, 1),
         output_shapes=[(splits + 1, rows, head_dim), (splits + 1, rows), (rows, length) if scores else (1,)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )

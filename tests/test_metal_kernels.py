@@ -144,7 +144,7 @@ def planted(source: str, old: str, new: str) -> str:
 
 def sparse_case(kernels, seed=0):
     rng = np.random.default_rng(11)
-    kv_heads, group, start, n, head_dim = 2, 4, 45, 3, 64
+    kv_heads, group, start, n, head_dim = 4, 4, 45, 3, 64  # lists of 0, 1, 45 and 9 rows: 45 take three chunks
     k, k64 = cache(rng, kv_heads, 64, head_dim, mx.float16)
     v, v64 = cache(rng, kv_heads, 64, head_dim, mx.float16)
     q, q64 = cache(rng, kv_heads * group, n, head_dim, mx.float16)
@@ -160,8 +160,12 @@ def test_the_unplanted_kernels_pass_the_bug_case(kernels):
 
 
 BUGS = {
-    "off-by-one loop bound": ("split", "for (int i = first + sg; i < last; i += BN)", "for (int i = first + sg; i <= last; i += BN)"),
-    "missing threadgroup_barrier": ("split", "threadgroup_barrier(mem_flags::mem_threadgroup);\nconst int tid", "const int tid"),
+    "off-by-one loop bound": ("split", "const int rows_here = min(CHUNK, last - base);",
+                              "const int rows_here = min(CHUNK, last - base + 1);"),
+    "missing threadgroup_barrier": ("split", "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int r = 0;",
+                                    "  for (int r = 0;"),
+    "missing barrier before threadgroup memory is reused": (
+        "split", "  threadgroup_barrier(mem_flags::mem_threadgroup);  // the next chunk overwrites these rows\n", ""),
     "simd reduction over 16 of 32 lanes": ("split", "logit = simd_sum(logit);",
                                            "for (int mask = 8; mask > 0; mask /= 2) { logit += simd_shuffle_xor(logit, mask); }"),
     "read past a buffer": ("merge", "for (int s = 0; s < parts; s++) {\n  top", "for (int s = 0; s <= parts; s++) {\n  top"),
