@@ -51,7 +51,6 @@ SYSTEMS = ("sts-edge:target", "sts-edge:dense", "sts-edge:sts", "llama.cpp", "tr
            "mlx-lm", "mlx-lm:draft")
 MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers", "transformers:assisted": "transformers",
            "mlx-lm": "mlx_lm", "mlx-lm:draft": "mlx_lm"}
-SPECULATIVE = ("sts-edge:dense", "sts-edge:sts", "transformers:assisted", "mlx-lm:draft")
 SCHEMA = "sts-edge-bench/1"
 DEFAULT_CONTEXTS = (1024, 8192, 32768, 131072)
 
@@ -69,7 +68,7 @@ def prompt_ids(tokenizer_dir: Path, tokens: int, vocab: int | None = None) -> li
 
     text = "\n\n".join(inspect.getsource(module) for module in (m1, m2, m3, m4, m5, m6))
     ids = Tokenizer(tokenizer_dir).encode(text)
-    while len(ids) < tokens:  # long contexts repeat the text
+    while len(ids) < tokens:  # beyond its 80K tokens (with the demo tokenizer) the text repeats
         ids = ids + ids
     return ids[:tokens]
 
