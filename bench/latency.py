@@ -208,14 +208,15 @@ def run_transformers(assisted: bool, args, contexts: dict[int, list[int]]) -> li
     from transformers import AutoModelForCausalLM
 
     from sts_edge.host import physical_cores
-    from sts_edge.models import ALIASES, resolve_model
+    from sts_edge.demo import DEMO_VARIANTS
+    from sts_edge.models import resolve_model
 
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu else torch.float32
     torch.set_num_threads(args.threads or physical_cores())
 
     def model_dir(name: str) -> Path:  # a demo alias's bf16 twin: transformers cannot read packed 4-bit weights
-        return resolve_model(name + "-bf16" if name + "-bf16" in ALIASES else name)
+        return resolve_model(name + "-bf16" if name + "-bf16" in DEMO_VARIANTS else name)
 
     started = time.perf_counter()
     target = AutoModelForCausalLM.from_pretrained(model_dir(args.model), dtype=dtype).to("cuda" if gpu else "cpu")

@@ -509,3 +509,22 @@ def test_quantized_caches_are_checked():
     bad = type(k_rows)(k_rows.values, k_rows.scales[:, :, :1], k_rows.biases[:, :, :1], 4, 32)
     with pytest.raises(KernelInputError, match="scales and biases"):
         split_attention(q, bad, bad, 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the causal-bias prefill path is taken on a GPU only")
+@pytest.mark.parametrize("start", [0, 64, 1000])
+def test_prefill_chunk_on_gpu_is_causal_from_the_bottom_right(start):
+    """A prompt chunk after `start` cached rows (GQA, bfloat16) against float32 attention with the
+    explicit mask built here: query i sees keys 0..start + i, never an upper-left causal."""
+    from sts_edge.backends.torch.attention import dense_attend
+
+    gen = torch.Generator().manual_seed(start)
+    n, heads, kv_heads, head_dim = 96, 8, 2, 128
+    q, k, v = (torch.randn(h, length, head_dim, generator=gen)
+               for h, length in ((heads, n), (kv_heads, start + n), (kv_heads, start + n)))
+    visible = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]
+    logits = (q @ k.repeat_interleave(heads // kv_heads, 0).transpose(1, 2)) * head_dim**-0.5
+    want = logits.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(heads // kv_heads, 0)
+    got = dense_attend(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), start)
+    np.testing.assert_allclose(got.float().cpu().numpy(), want.numpy(), rtol=3e-2, atol=3e-2)
