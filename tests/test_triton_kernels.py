@@ -511,10 +511,10 @@ def test_quantized_caches_are_checked():
         split_attention(q, bad, bad, 20)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the causal-bias prefill path is taken on a GPU only")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])])
 @pytest.mark.parametrize("start", [0, 64, 1000])
-def test_prefill_chunk_on_gpu_is_causal_from_the_bottom_right(start):
+def test_a_prefill_chunk_is_causal_from_the_bottom_right(device, start):
     """A prompt chunk after `start` cached rows (GQA, bfloat16) against float32 attention with the
     explicit mask built here: query i sees keys 0..start + i, never an upper-left causal."""
     from sts_edge.backends.torch.attention import dense_attend
@@ -526,5 +526,5 @@ def test_prefill_chunk_on_gpu_is_causal_from_the_bottom_right(start):
     visible = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]
     logits = (q @ k.repeat_interleave(heads // kv_heads, 0).transpose(1, 2)) * head_dim**-0.5
     want = logits.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(heads // kv_heads, 0)
-    got = dense_attend(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), start)
+    got = dense_attend(*(t.to(device, torch.bfloat16) for t in (q, k, v)), start)
     np.testing.assert_allclose(got.float().cpu().numpy(), want.numpy(), rtol=3e-2, atol=3e-2)
