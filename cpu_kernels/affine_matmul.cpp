@@ -21,6 +21,13 @@
 //
 // Larger blocks (prefill chunks) decode a tile of W to float32 at a time, in the permuted order,
 // and multiply with at::mm: there the arithmetic, not the bytes, is the cost.
+//
+// On CPUs with AMX (Intel Sapphire Rapids and later), 4-bit weights with int8 activations in
+// groups of 64 or 128 take `amx_product` for every block size instead, prefill chunks included:
+// one tile instruction multiplies 16 outputs by 64 inputs for up to 16 rows, so a verification
+// block costs about what one row does (the AVX2 loop's arithmetic grows with each row), and a
+// prefill chunk needs no float32 copy of the weights. One row takes AVX-512 VNNI (`vnni_row`),
+// with the tiles' float operations.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,9 +35,14 @@
 
 #include <immintrin.h>
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -160,6 +172,7 @@ struct Int8Activations {
   at::Tensor values;       // int8 [rows][chunks][64]: a chunk's even inputs, then its odd ones
   at::Tensor lane_scales;  // float [rows][chunks][8]: the activation scale of each word's group
   at::Tensor group_sums;   // float [rows][groups]: exact sums of x, for the biases
+  at::Tensor group_scales; // float [rows][groups]: each group's activation scale
 };
 
 // Even inputs first because a byte holds two 4-bit values, the even input's in its low nibble:
@@ -167,13 +180,14 @@ struct Int8Activations {
 Int8Activations int8_activations(const at::Tensor& x, int64_t group_size) {
   const int64_t rows = x.size(0), inputs = x.size(1), chunks = inputs / 64, groups = inputs / group_size;
   Int8Activations a{at::empty({rows, inputs}, x.options().dtype(at::kChar)), at::empty({rows, chunks, 8}, x.options()),
-                    at::empty({rows, groups}, x.options())};
+                    at::empty({rows, groups}, x.options()), at::empty({rows, groups}, x.options())};
   const float* xs = x.data_ptr<float>();
   int8_t* values = a.values.data_ptr<int8_t>();
   float* lane_scales = a.lane_scales.data_ptr<float>();
   float* sums = a.group_sums.data_ptr<float>();
-  std::vector<float> scale(groups);
+  float* group_scales = a.group_scales.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
+    float* scale = group_scales + r * groups;
     for (int64_t g = 0; g < groups; ++g) {
       const float* xg = xs + r * inputs + g * group_size;
       float largest = 0.f, sum = 0.f;
@@ -244,6 +258,279 @@ void decode_product_int8(const at::Tensor& x, const at::Tensor& words, const at:
   });
 }
 
+// ---- AMX: 4-bit weights, int8 activations, any number of rows ----
+//
+// A tile instruction (tdpbusd) multiplies a [16, 64] tile of unsigned bytes by a [64, 16] tile of
+// signed ones into [16, 16] int32 sums. The weights are the unsigned side: 16 outputs' 64 inputs of
+// one chunk, unpacked from nibbles to bytes as the activations are ordered (the chunk's even
+// inputs, then its odd ones; see int8_activations). The activations are the signed side, 16 rows
+// in the tile's layout: four consecutive inputs of a row side by side. The sums are exact, so a
+// group's sum is scaled once by the weight's and the activations' scales, in the same float
+// operations for every row whatever the number of rows: a verification block's logits equal the
+// single steps' bit for bit, as in the AVX2 loop (whose float operations differ, so a process uses
+// one or the other for a layer, never both).
+
+constexpr int64_t kAmxRows = 16, kAmxOutputs = 16, kAmxChunk = 64;
+// Software prefetch distance along an output's row of words (1 KB): a decode step streams the
+// weights from memory, where asking ahead measured faster than the hardware prefetchers alone.
+constexpr int64_t kPrefetchWords = 256;
+
+struct TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool cpu_has_amx() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool avx512 = (ebx >> 16 & 1) && (ebx >> 30 & 1) && (ebx >> 31 & 1) && (ecx >> 11 & 1);  // F, BW, VL, VNNI
+  const bool amx = (edx >> 24 & 1) && (edx >> 25 & 1);     // AMX tiles and their int8 products
+  return avx512 && amx;
+}
+
+// Linux hands out the tile registers' 8 KB of state only to processes that ask for it once
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); the permission covers every thread.
+bool amx_ready() {
+  static const bool ready = [] {
+    if (!cpu_has_amx()) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return ready;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
+void configure_tiles() {
+  TileConfig config;
+  // 0 and 4 weights, 1 and 5 activations, 2 and 3 sums: two sets, used by alternate groups.
+  for (int t = 0; t < 6; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+  _tile_loadconfig(&config);
+}
+
+// Activations in the tile layout: [row blocks][chunks][16 quads][16 rows][4], rows past the last
+// zero (their sums are computed and dropped); and per [row block][group][16 rows] the activation
+// scales and the exact group sums, zero past the last row.
+struct AmxActivations {
+  std::vector<int8_t> tiles;
+  std::vector<float> scales, sums;
+};
+
+AmxActivations amx_activations(const Int8Activations& a, int64_t rows, int64_t inputs, int64_t groups) {
+  const int64_t chunks = inputs / kAmxChunk, blocks = (rows + kAmxRows - 1) / kAmxRows;
+  AmxActivations t{std::vector<int8_t>(blocks * chunks * kAmxChunk * kAmxRows, 0),
+                   std::vector<float>(blocks * groups * kAmxRows, 0.f), std::vector<float>(blocks * groups * kAmxRows, 0.f)};
+  const int8_t* values = a.values.data_ptr<int8_t>();
+  const float* scales = a.group_scales.data_ptr<float>();
+  const float* sums = a.group_sums.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t block = r / kAmxRows, lane = r % kAmxRows;
+    for (int64_t c = 0; c < chunks; ++c) {
+      int8_t* tile = t.tiles.data() + (block * chunks + c) * kAmxChunk * kAmxRows;
+      const int8_t* chunk = values + r * inputs + c * kAmxChunk;
+      for (int64_t quad = 0; quad < kAmxChunk / 4; ++quad) std::memcpy(tile + (quad * kAmxRows + lane) * 4, chunk + 4 * quad, 4);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      t.scales[(block * groups + g) * kAmxRows + lane] = scales[r * groups + g];
+      t.sums[(block * groups + g) * kAmxRows + lane] = sums[r * groups + g];
+    }
+  }
+  return t;
+}
+
+// A block of 16 outputs' per-group values (scales or biases) in float32, zero past `count`
+// outputs: [output][group], or with `group_major` [group][output].
+template <typename T>
+void block_floats(const T* per_group, int64_t o0, int64_t count, int64_t groups, bool group_major, float* dst) {
+  for (int64_t i = 0; i < kAmxOutputs; ++i)
+    for (int64_t g = 0; g < groups; ++g)
+      dst[group_major ? g * kAmxOutputs + i : i * groups + g] =
+          i < count ? static_cast<float>(per_group[(o0 + i) * groups + g]) : 0.f;
+}
+
+// 16 outputs' 64 inputs of chunk c as the tile's unsigned bytes, in the activations' order (the
+// chunk's even inputs, then its odd ones); outputs past `count` zero.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void unpack_chunk(const uint32_t* words, int64_t words_per_row, int64_t count, int64_t c,
+                         uint8_t (*tile)[kAmxChunk]) {
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  for (int64_t i = 0; i < kAmxOutputs; ++i) {
+    __m512i bytes = _mm512_setzero_si512();
+    if (i < count) {
+      const uint32_t* chunk_words = words + i * words_per_row + 8 * c;
+      _mm_prefetch(reinterpret_cast<const char*>(chunk_words + kPrefetchWords), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_words));
+      bytes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low_nibbles)),
+                                 _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles), 1);
+    }
+    _mm512_store_si512(tile[i], bytes);
+  }
+}
+
+// acc[i] (lanes: rows) += the group's exact sums times both scales, plus the group's sums of x
+// times the weight's bias: the float operations every path of this file's AMX products shares.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void add_group(__m512* acc, const int32_t (*sums)[kAmxRows], __m512 x_scales, __m512 x_sums,
+                      const float* weight_scales, const float* weight_biases, int64_t groups, int64_t g) {
+  for (int64_t i = 0; i < kAmxOutputs; ++i) {
+    const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[i])), x_scales);
+    acc[i] = _mm512_fmadd_ps(products, _mm512_set1_ps(weight_scales[i * groups + g]), acc[i]);
+    acc[i] = _mm512_fmadd_ps(x_sums, _mm512_set1_ps(weight_biases[i * groups + g]), acc[i]);
+  }
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
+void amx_outputs(const AmxActivations& act, const uint32_t* words, const T* scales, const T* biases, float* out,
+                 int64_t rows, int64_t inputs, int64_t outputs, int64_t group_size, int64_t first_block,
+                 int64_t last_block) {
+  const int64_t chunks = inputs / kAmxChunk, groups = inputs / group_size, per_group = group_size / kAmxChunk;
+  const int64_t words_per_row = inputs / 8, row_blocks = (rows + kAmxRows - 1) / kAmxRows;
+  // Two of each so that a group's tile products run while the previous group's sums are scaled.
+  alignas(64) uint8_t unpacked[2][2][kAmxOutputs][kAmxChunk];  // [buffer][a group's chunk (up to 2)]
+  alignas(64) int32_t sums[2][kAmxOutputs][kAmxRows];
+  std::vector<float> weight_scales(kAmxOutputs * groups), weight_biases(kAmxOutputs * groups);
+  configure_tiles();
+  for (int64_t block = first_block; block < last_block; ++block) {
+    const int64_t o0 = block * kAmxOutputs, count = std::min(kAmxOutputs, outputs - o0);
+    block_floats(scales, o0, count, groups, false, weight_scales.data());
+    block_floats(biases, o0, count, groups, false, weight_biases.data());
+    const uint32_t* block_words = words + o0 * words_per_row;
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      const int8_t* tiles = act.tiles.data() + rb * chunks * kAmxChunk * kAmxRows;
+      const float* x_scales = act.scales.data() + rb * groups * kAmxRows;
+      const float* x_sums = act.sums.data() + rb * groups * kAmxRows;
+      __m512 acc[kAmxOutputs];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        const int buffer = g & 1;
+        for (int64_t k = 0; k < per_group; ++k)
+          unpack_chunk(block_words, words_per_row, count, g * per_group + k, unpacked[buffer][k]);
+        // Tile registers are named by constants: the two buffers' sums go to tiles 2 and 3.
+        if (buffer == 0) {
+          _tile_zero(2);
+          for (int64_t k = 0; k < per_group; ++k) {
+            _tile_loadd(0, unpacked[0][k], kAmxChunk);
+            _tile_loadd(1, tiles + (g * per_group + k) * kAmxChunk * kAmxRows, kAmxRows * 4);
+            _tile_dpbusd(2, 0, 1);
+          }
+          _tile_stored(2, sums[0], kAmxRows * 4);
+        } else {
+          _tile_zero(3);
+          for (int64_t k = 0; k < per_group; ++k) {
+            _tile_loadd(4, unpacked[1][k], kAmxChunk);
+            _tile_loadd(5, tiles + (g * per_group + k) * kAmxChunk * kAmxRows, kAmxRows * 4);
+            _tile_dpbusd(3, 4, 5);
+          }
+          _tile_stored(3, sums[1], kAmxRows * 4);
+        }
+        if (g > 0)
+          add_group(acc, sums[buffer ^ 1], _mm512_loadu_ps(x_scales + (g - 1) * kAmxRows),
+                    _mm512_loadu_ps(x_sums + (g - 1) * kAmxRows), weight_scales.data(), weight_biases.data(), groups, g - 1);
+      }
+      add_group(acc, sums[(groups - 1) & 1], _mm512_loadu_ps(x_scales + (groups - 1) * kAmxRows),
+                _mm512_loadu_ps(x_sums + (groups - 1) * kAmxRows), weight_scales.data(), weight_biases.data(), groups,
+                groups - 1);
+      alignas(64) float result[kAmxOutputs][kAmxRows];
+      for (int64_t i = 0; i < kAmxOutputs; ++i) _mm512_store_ps(result[i], acc[i]);
+      for (int64_t lane = 0; lane < std::min(kAmxRows, rows - rb * kAmxRows); ++lane)
+        for (int64_t i = 0; i < count; ++i) out[(rb * kAmxRows + lane) * outputs + o0 + i] = result[i][lane];
+    }
+  }
+  _tile_release();
+}
+
+// One row on the same machines: AVX-512 VNNI instead of a tile whose other 15 rows would be
+// empty. Each output's integer sums come from vpdpbusd over its chunk's bytes; 16 outputs' sums
+// are then reduced into one vector (lanes: outputs) and scaled with the float operations of
+// `add_group`, element for element, so a row's bits do not depend on which of the two ran.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+inline __m256i sum_lanes(__m256i a, __m256i b, __m256i c, __m256i d, __m256i e, __m256i f, __m256i g, __m256i h) {
+  // hadd works within 128-bit halves: after two levels each half holds four outputs' partial sums.
+  const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  const __m256i efgh = _mm256_hadd_epi32(_mm256_hadd_epi32(e, f), _mm256_hadd_epi32(g, h));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(abcd, efgh, 0x20), _mm256_permute2x128_si256(abcd, efgh, 0x31));
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void vnni_row(const Int8Activations& act, const uint32_t* words, const T* scales, const T* biases, float* out,
+              int64_t inputs, int64_t outputs, int64_t group_size, int64_t first_block, int64_t last_block) {
+  const int64_t groups = inputs / group_size, per_group = group_size / kAmxChunk, words_per_row = inputs / 8;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  const int8_t* x = act.values.data_ptr<int8_t>();  // in chunk order: even inputs, then odd
+  const float* x_scales = act.group_scales.data_ptr<float>();
+  const float* x_sums = act.group_sums.data_ptr<float>();
+  std::vector<float> weight_scales(groups * kAmxOutputs), weight_biases(groups * kAmxOutputs);  // [group][output]
+  std::vector<__m256i> dots(groups * kAmxOutputs);                                                  // [group][output]
+  for (int64_t block = first_block; block < last_block; ++block) {
+    const int64_t o0 = block * kAmxOutputs, count = std::min(kAmxOutputs, outputs - o0);
+    block_floats(scales, o0, count, groups, true, weight_scales.data());
+    block_floats(biases, o0, count, groups, true, weight_biases.data());
+    // Each output's row of words is read start to end (one stream), its groups' sums of products
+    // kept as 8 lanes each; then each group's 16 outputs are reduced together.
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t* row_words = words + (o0 + i) * words_per_row;
+      for (int64_t g = 0; g < groups; ++g) {
+        __m256i dot = _mm256_setzero_si256();
+        for (int64_t k = 0; k < per_group; ++k) {
+          const int64_t c = g * per_group + k;
+          _mm_prefetch(reinterpret_cast<const char*>(row_words + 8 * c + kPrefetchWords), _MM_HINT_T0);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row_words + 8 * c));
+          const int8_t* xc = x + c * kAmxChunk;
+          dot = _mm256_dpbusd_epi32(dot, _mm256_and_si256(v, low_nibbles),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)));
+          dot = _mm256_dpbusd_epi32(dot, _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)));
+        }
+        dots[g * kAmxOutputs + i] = dot;
+      }
+    }
+    for (int64_t i = count; i < kAmxOutputs; ++i)
+      for (int64_t g = 0; g < groups; ++g) dots[g * kAmxOutputs + i] = _mm256_setzero_si256();
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256i* d = dots.data() + g * kAmxOutputs;
+      const __m512i sums = _mm512_inserti64x4(_mm512_castsi256_si512(sum_lanes(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7])),
+                                              sum_lanes(d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]), 1);
+      const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(x_scales[g]));
+      acc = _mm512_fmadd_ps(products, _mm512_loadu_ps(weight_scales.data() + g * kAmxOutputs), acc);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(x_sums[g]), _mm512_loadu_ps(weight_biases.data() + g * kAmxOutputs), acc);
+    }
+    alignas(64) float result[kAmxOutputs];
+    _mm512_store_ps(result, acc);
+    for (int64_t i = 0; i < count; ++i) out[o0 + i] = result[i];
+  }
+}
+
+template <typename T>
+void amx_product(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& biases,
+                 at::Tensor& out, int64_t group_size) {
+  const int64_t rows = x.size(0), inputs = x.size(1), outputs = words.size(0), groups = inputs / group_size;
+  const Int8Activations a = int8_activations(x, group_size);
+  const auto* w = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  const T* s = scales.data_ptr<T>();
+  const T* b = biases.data_ptr<T>();
+  float* y = out.data_ptr<float>();
+  const int64_t blocks = (outputs + kAmxOutputs - 1) / kAmxOutputs;
+  if (rows == 1) {
+    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      vnni_row<T>(a, w, s, b, y, inputs, outputs, group_size, first, last);
+    });
+    return;
+  }
+  const AmxActivations act = amx_activations(a, rows, inputs, groups);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    amx_outputs<T>(act, w, s, b, y, rows, inputs, outputs, group_size, first, last);
+  });
+}
+
+bool amx_reads(int64_t bits, int64_t group_size, bool int8_activations) {
+  return bits == 4 && int8_activations && (group_size == 64 || group_size == 128) && amx_ready();
+}
+
 // Rows [first, last) of W into float32, each in the permuted order of `permuted`.
 template <int BITS, typename T>
 void decode_tile(const uint32_t* words, const T* scales, const T* biases, float* tile, int64_t inputs,
@@ -289,7 +576,8 @@ void tiled_product(const at::Tensor& x, const at::Tensor& words, const at::Tenso
 }
 
 at::Tensor affine_matmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales,
-                         const at::Tensor& biases, int64_t bits, int64_t group_size, bool int8_activations) {
+                         const at::Tensor& biases, int64_t bits, int64_t group_size, bool int8_activations,
+                         bool amx) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [rows, inputs]");
@@ -304,6 +592,8 @@ at::Tensor affine_matmul(const at::Tensor& x, const at::Tensor& words, const at:
   const bool decode = x.size(0) <= kMaxDecodeRows;
   TORCH_CHECK(!int8_activations || bits == 4, "int8 activations are for 4-bit weights");
 #define STS_DISPATCH(BITS, T)                                                                                   \
+  if (BITS == 4 && amx && amx_reads(bits, group_size, int8_activations))                                        \
+    return amx_product<T>(x, words, scales, biases, out, group_size), out;                                      \
   if (!decode) return tiled_product<BITS, T>(x, words, scales, biases, out, group_size), out;                   \
   if (BITS == 4 && int8_activations) return decode_product_int8<T>(x, words, scales, biases, out, group_size), out; \
   return decode_product<BITS, T>(x, words, scales, biases, out, group_size), out;
@@ -324,6 +614,8 @@ at::Tensor affine_matmul(const at::Tensor& x, const at::Tensor& words, const at:
 
 TORCH_LIBRARY(sts_edge_cpu, m) {
   m.def("affine_matmul(Tensor x, Tensor words, Tensor scales, Tensor biases, int bits, int group_size, "
-        "bool int8_activations=False) -> Tensor");
+        "bool int8_activations=False, bool amx=False) -> Tensor");
   m.impl("affine_matmul", c10::DispatchKey::CPU, TORCH_FN(affine_matmul));
+  // Whether 4-bit products with int8 activations in groups of 64 or 128 run on AMX tiles here.
+  m.def("amx_ready() -> bool", [] { return amx_ready(); });
 }

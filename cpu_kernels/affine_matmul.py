@@ -4,7 +4,8 @@ PyTorch builds it with the host's C++ compiler into its extensions cache (TORCH_
 default ~/.cache/torch_extensions) once per machine and PyTorch version; later processes load the
 built library. Where it cannot be built (no compiler, a CPU without AVX2/FMA/F16C), `kernel()`
 returns None with the reason in `unavailable_reason()`, and the caller falls back to PyTorch's own
-int4 kernel or to decoding the weights at load.
+int4 kernel or to decoding the weights at load. On CPUs with AMX the kernel multiplies 4-bit weights
+with int8 activations on the tile units (`STS_EDGE_CPU_AMX=0` keeps it on the AVX2 loops).
 """
 
 from __future__ import annotations
@@ -60,3 +61,9 @@ def kernel():
 def unavailable_reason() -> str | None:
     kernel()
     return _reason
+
+
+def amx_ready() -> bool:
+    """Whether 4-bit products with int8 activations in groups of 64 or 128 can run on AMX tiles here
+    (STS_EDGE_CPU_AMX=0 says no)."""
+    return os.environ.get("STS_EDGE_CPU_AMX", "1") != "0" and kernel() is not None and torch.ops.sts_edge_cpu.amx_ready()

@@ -4,7 +4,8 @@
 
 1. The product on the demo target's largest projections (1536 -> 8960 and 8960 -> 1536, 4-bit,
    groups of 64, random weights) at 1-8 rows and at a 256-row prefill chunk: our kernel
-   (cpu_kernels/affine_matmul.cpp) with float32 and with int8 activations, PyTorch's int4 kernel
+   (cpu_kernels/affine_matmul.cpp) with float32 and with int8 activations (the AVX2 loop, and where
+   the CPU has them AMX tiles, at every row count), PyTorch's int4 kernel
    (`_weight_int4pack_mm_for_cpu`, bfloat16 path), and float32 `x @ w.t()` on the decoded weight.
    Medians of repeated calls, milliseconds.
 2. The demo pair as loaded by default: a forward of 1-5 tokens after a --context prompt (a decode
@@ -38,7 +39,7 @@ def median_ms(call, repeats: int) -> float:
 
 
 def products(rows_list: list[int]) -> list[dict]:
-    from sts_edge.cpu_kernels.affine_matmul import kernel
+    from sts_edge.cpu_kernels.affine_matmul import amx_ready, kernel
 
     affine = kernel()
     gen = torch.Generator().manual_seed(0)
@@ -61,8 +62,10 @@ def products(rows_list: list[int]) -> list[dict]:
                    "float32_matmul_decoded_ms": median_ms(lambda: x @ decoded.t(), repeats)}
             if affine is not None:
                 row["ours_float32_ms"] = median_ms(lambda: affine(x, words, scales, biases, 4, 64, False), repeats)
-                if rows <= 8:
+                if rows <= 8:  # the AVX2 loop
                     row["ours_int8_activations_ms"] = median_ms(lambda: affine(x, words, scales, biases, 4, 64, True), repeats)
+                if amx_ready():  # AMX tiles (one row: AVX-512 VNNI), at every block size
+                    row["ours_int8_amx_ms"] = median_ms(lambda: affine(x, words, scales, biases, 4, 64, True, True), repeats)
             found.append(row)
             print(json.dumps(row), flush=True)
     return found

@@ -4,21 +4,24 @@ them (the default) against float32 products (dtype="float32"), decode-sized bloc
     python scripts/quality_cpu_products.py --out benchmarks/results/quality_int8_products_cpu.json
 
 Austen's Emma (scripts/fetch_texts.sh), --context tokens read first, then --eval-tokens tokens
-teacher-forced in blocks of 4 (the kernel takes its int8 path up to 8 rows; prefill takes float32).
+teacher-forced in blocks of 4. The AVX2 loop takes int8 activations up to 8 rows and prefill float32;
+on a CPU with AMX the default takes them at every block size, prefill included, so there the AVX2
+loop's figure (STS_EDGE_CPU_AMX=0) is measured too.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sts_edge.backend import load_model
+from sts_edge.bench.latency import header
+from sts_edge.cpu_kernels.affine_matmul import amx_ready
 from sts_edge.models import resolve_model
 from sts_edge.tokenizer import Tokenizer
 
@@ -50,16 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model(args.model)
     ids = Tokenizer(path).encode(TEXT.read_text(encoding="utf-8", errors="replace")[: 20 * (args.context + args.eval_tokens)])
     ids = ids[: args.context + args.eval_tokens]
-    found, choices = {}, {}
-    for name, dtype in (("int8 activation products (default)", None), ("float32 products", "float32")):
+    found, choices, precision = {}, {}, {}
+    variants = [("int8 activation products (default)", None, "1"), ("float32 products", "float32", "1")]
+    if amx_ready():
+        variants.insert(1, ("int8 activation products, AVX2 loop (STS_EDGE_CPU_AMX=0)", None, "0"))
+    for name, dtype, amx in variants:
+        os.environ["STS_EDGE_CPU_AMX"] = amx  # read at load
         model = load_model(path, "torch-cpu", max_seq_len=len(ids) + 16, dtype=dtype)
         found[name], choices[name] = perplexity(model, ids, args.context)
+        precision[name] = model.precision
         print(f"{name}: perplexity {found[name]:.3f} ({model.precision})", flush=True)
-    first, second = choices.values()
+    first, second = choices[variants[0][0]], choices["float32 products"]
     agreement = float(np.mean(np.array(first) == np.array(second)))
     print(f"top-1 agreement {agreement:.3f}")
     if args.out:
-        report = {"date": datetime.date.today().isoformat(), "versions": {"torch": torch.__version__},
+        report = {**{k: v for k, v in header("torch-cpu").items() if k != "schema"}, "precision": precision,
                   "what": "scripts/quality_cpu_products.py (see its docstring)", "model": args.model,
                   "context": args.context, "eval_tokens": args.eval_tokens, "perplexity": found,
                   "top1_agreement": agreement}

@@ -74,7 +74,10 @@ def quantized_pair(model_dirs, draft_dir, tmp_path_factory):
     return {"int4": quantize_model(model_dirs["llama3"], root / "t4", Quantization(4, 32), progress=False),
             "int8": quantize_model(model_dirs["llama3"], root / "t8", Quantization(8, 32), progress=False),
             "draft": quantize_model(draft_dir, root / "d4", Quantization(4, 32), progress=False),
-            "tied4": quantize_model(model_dirs["qwen2"], root / "q4", Quantization(4, 32), progress=False)}
+            "tied4": quantize_model(model_dirs["qwen2"], root / "q4", Quantization(4, 32), progress=False),
+            # Groups of 64, which AMX tiles take (the others stay on the AVX2 loops).
+            "int4g64": quantize_model(model_dirs["llama3"], root / "t4g64", Quantization(4, 64), progress=False),
+            "draftg64": quantize_model(draft_dir, root / "d4g64", Quantization(4, 64), progress=False)}
 
 
 def without_cpu_kernel(monkeypatch) -> None:
@@ -218,6 +221,54 @@ def test_speculative_greedy_on_the_quantized_cpu_path_equals_the_targets_greedy(
         stats = GenerationStats()
         assert list(generate_tokens(target, prompt, GREEDY, 20, draft=draft, gamma=gamma, stats=stats)) == alone
         assert stats.rounds < 20
+
+
+def test_on_amx_tiles_speculative_greedy_equals_the_targets_greedy(quantized_pair, monkeypatch):
+    """On a CPU with AMX, 4-bit layers in groups of 64 multiply int8 activations on tiles at every
+    block size, prefill chunks included: the logits stay near the decoded weights', and blocks of
+    2, 5 and 8 rows give the single steps' tokens (a row's bits do not depend on its block)."""
+    from sts_edge.backends.torch import loader
+    from sts_edge.cpu_kernels.affine_matmul import amx_ready
+
+    needs_cpu_kernel()
+    if not amx_ready():
+        pytest.skip("this CPU has no AMX (or STS_EDGE_CPU_AMX=0)")
+    monkeypatch.delenv("STS_EDGE_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(loader, "cpu_dtype", lambda: "float32")
+    target = load_model(quantized_pair["int4g64"], "torch-cpu", max_seq_len=128)
+    assert "int4 weights (int8 activation products, AMX)" in target.precision
+    ids = np.random.default_rng(0).integers(3, 300, 24).tolist()
+    want = decoded_reference(quantized_pair["int4g64"], ids)
+    got = target.verify(ids).logits()
+    assert 0 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.06
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
+    target.rollback(0)
+    draft = load_model(quantized_pair["draftg64"], "torch-cpu", max_seq_len=128)
+    prompt = np.random.default_rng(4).integers(3, 300, 30).tolist()
+    alone = list(generate_tokens(target, prompt, GREEDY, 20))
+    for gamma in (1, 4, 7):
+        stats = GenerationStats()
+        assert list(generate_tokens(target, prompt, GREEDY, 20, draft=draft, gamma=gamma, stats=stats)) == alone
+        assert stats.rounds < 20
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["int4", "int4g64"])
+def test_a_verification_block_gives_the_single_steps_logits_bit_for_bit(quantized_pair, name, dtype):
+    """What makes speculative greedy output the target's own on the quantized CPU path: each row of
+    a block is computed as its single step computes it, at any context length (our kernel's rows
+    do not depend on the block; bfloat16 matmuls on the CPU round differently for different
+    lengths, so attention runs row by row with a single step's shapes). Float32 weights go
+    through PyTorch's own products, whose rounding depends on the number of rows."""
+    needs_cpu_kernel()
+    model = load_model(quantized_pair[name], "torch-cpu", max_seq_len=1200, dtype=dtype)
+    ids = np.random.default_rng(5).integers(3, 300, 1100).tolist()
+    for context in (40, 517, 1090):
+        model.rollback(0)
+        model.prefill(ids[:context])
+        singles = np.concatenate([model.verify([token]).logits() for token in ids[context : context + 5]])
+        model.rollback(context)
+        np.testing.assert_array_equal(model.verify(ids[context : context + 5]).logits(), singles, err_msg=str(context))
 
 
 def test_grouped_attention_equals_sdpa_on_the_cpu():

@@ -50,22 +50,39 @@ def test_products_equal_the_decoded_weights(affine_matmul, bits, group_size, dty
 
 
 def int8_rounded(x: np.ndarray, group_size: int) -> np.ndarray:
-    """x as the integer products see it: each group rounded to int8 steps of max |x| / 127."""
-    groups = x.reshape(x.shape[0], -1, group_size).astype(np.float64)
-    step = np.abs(groups).max(-1, keepdims=True) / 127
-    return (np.rint(groups / np.where(step > 0, step, 1)) * step).reshape(x.shape)
+    """x as the integer products see it: each group rounded to int8 steps of max |x| / 127, the
+    step's inverse and the quotient in float32 as the kernel computes them (in float64 a value
+    within an ulp of a half step can round the other way)."""
+    groups = x.reshape(x.shape[0], -1, group_size).astype(np.float32)
+    largest = np.abs(groups).max(-1, keepdims=True)
+    inverse = np.where(largest > 0, np.float32(127) / np.where(largest > 0, largest, 1), np.float32(0))
+    step = (largest / np.float32(127)).astype(np.float64)
+    return (np.rint(groups * inverse).astype(np.float64) * step).reshape(x.shape)
+
+
+def needs_amx(amx: bool) -> None:
+    from sts_edge.cpu_kernels.affine_matmul import amx_ready
+
+    if amx and not amx_ready():
+        pytest.skip("this CPU has no AMX (or STS_EDGE_CPU_AMX=0)")
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int8_activation_products_equal_the_rounded_activations_times_the_weights(affine_matmul, group_size):
+@pytest.mark.parametrize("amx", [False, True], ids=["avx2", "amx"])
+def test_int8_activation_products_equal_the_rounded_activations_times_the_weights(affine_matmul, group_size, amx):
     """4-bit weights with activations rounded to int8 per group: exact integer products, so the
-    result is the rounded activations times the decoded weights (and near the float products)."""
+    result is the rounded activations times the decoded weights (and near the float products).
+    `amx`: on AMX tiles (groups of 64 and 128; one row through AVX-512 VNNI, more through tiles of 16
+    rows, 72 outputs: four whole tiles and half of one), else the AVX2 loop (up to 8 rows)."""
+    needs_amx(amx)
+    if amx and group_size == 32:
+        pytest.skip("groups of 32 stay on the AVX2 loop")
     words, scales, biases = random_weight(72, 384, 4, group_size, torch.bfloat16, seed=group_size)
     w = decoded(words, scales, biases, 4, group_size)
     gen = torch.Generator().manual_seed(7)
-    for rows in (1, 3, 5, 8):
+    for rows in (1, 2, 3, 5, 8, 16, 17, 40) if amx else (1, 3, 5, 8):
         x = torch.randn(rows, 384, generator=gen)
-        got = affine_matmul(x, words, scales, biases, 4, group_size, True).numpy()
+        got = affine_matmul(x, words, scales, biases, 4, group_size, True, amx).numpy()
         # The biases multiply the exact sums of x; the scales the rounded activations' products.
         q = decoded(words, scales, torch.zeros_like(biases), 4, group_size)
         b = w - q
@@ -73,9 +90,22 @@ def test_int8_activation_products_equal_the_rounded_activations_times_the_weight
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"{rows} rows")
         exact = x.double().numpy() @ w.T
         assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.02
-        alone = np.concatenate([affine_matmul(x[i : i + 1], words, scales, biases, 4, group_size, True).numpy()
+        alone = np.concatenate([affine_matmul(x[i : i + 1], words, scales, biases, 4, group_size, True, amx).numpy()
                                 for i in range(rows)])
         np.testing.assert_array_equal(got, alone)  # a row's bits do not depend on its block
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_amx_products_read_every_scale_dtype_and_outputs_past_the_last_whole_tile(affine_matmul, dtype):
+    needs_amx(True)
+    words, scales, biases = random_weight(37, 256, 4, 64, getattr(torch, dtype), seed=11)
+    q = decoded(words, scales, torch.zeros_like(biases), 4, 64)
+    b = decoded(words, scales, biases, 4, 64) - q
+    for rows in (1, 4):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+        want = int8_rounded(x.numpy(), 64) @ q.T + x.double().numpy() @ b.T
+        got = affine_matmul(x, words, scales, biases, 4, 64, True, True).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"{rows} rows")
 
 
 def test_tiles_cover_outputs_that_are_not_a_whole_number_of_tiles(affine_matmul):

@@ -88,9 +88,14 @@ def dense_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
     Query heads are grouped over KV heads (GQA) without copying the cache.
     """
     n = q.shape[1]
-    mask = None if n == 1 else causal_block_mask(start, n, q.device)
     if q.device.type == "cpu" and n <= GROUPED_ROWS:
-        return grouped_attend(q, keys, values, mask)
+        # Row by row, each with a single step's shapes: PyTorch's CPU kernels (a bfloat16 matmul on
+        # AMX, softmax's vector loops) round differently for different lengths, and a verification
+        # block's logits must equal the single steps' bit for bit (speculative greedy output is the
+        # target's own). Each row reads the keys again, from the caches after the first.
+        return torch.cat([grouped_attend(q[:, i : i + 1], keys[:, : start + i + 1], values[:, : start + i + 1], None)
+                          for i in range(n)], dim=1)
+    mask = None if n == 1 else causal_block_mask(start, n, q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[0] != keys.shape[0])
 
 
@@ -106,11 +111,22 @@ def grouped_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     heads, n, head_dim = q.shape
     units, length = keys.shape[0], keys.shape[1]
     group = heads // units
-    logits = (q.reshape(units, group * n, head_dim) @ keys.transpose(1, 2)).float() * head_dim**-0.5
+    # Contiguous whatever q's strides: the matmul's kernel, and so its rounding, depends on them.
+    rows = q.reshape(units, group * n, head_dim).contiguous()
+    logits = per_unit_matmul(rows, keys.transpose(1, 2)).float() * head_dim**-0.5
     if mask is not None:
         logits = logits.masked_fill(~mask.repeat(group, 1), float("-inf"))
     probs = logits.softmax(dim=-1).to(values.dtype)
-    return (probs @ values).reshape(heads, n, head_dim)
+    return per_unit_matmul(probs, values).reshape(heads, n, head_dim)
+
+
+def per_unit_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b over a leading axis of KV heads. The cache's live rows are a strided slice of it, which
+    PyTorch's CPU bmm copies whole before a bfloat16 or float16 product (not a float32 one): one
+    product per KV head reads them in place."""
+    if b.dtype == torch.float32:
+        return a @ b
+    return torch.stack([a[u] @ b[u] for u in range(a.shape[0])])
 
 
 def attend_and_score(

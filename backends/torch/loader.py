@@ -55,9 +55,11 @@ class TorchModel(BackendModel):
         products = " (bfloat16 products)" if dtype != "bfloat16" and any(
             isinstance(m, QuantizedLinear) and isinstance(m.packed, Int4PackWeight)
             and m.packed.scales_and_zeros.dtype == torch.bfloat16 for m in model.modules()) else ""
-        if any(isinstance(m, QuantizedLinear) and isinstance(m.packed, CpuAffineWeight) and m.packed.int8_activations
-               for m in model.modules()):
-            products = " (int8 activation products)"
+        int8_layers = [m.packed for m in model.modules() if isinstance(m, QuantizedLinear)
+                       and isinstance(m.packed, CpuAffineWeight) and m.packed.int8_activations]
+        if int8_layers:
+            products = " (int8 activation products, AMX)" if any(layer.amx for layer in int8_layers) \
+                else " (int8 activation products)"
         if self.device.type == "cpu" and bits and cpu_kernel_missing():
             products += f" (PyTorch's kernels: {cpu_kernel_missing()})"
         kv = f", int{kv_bits} KV" if kv_bits != 16 else ""

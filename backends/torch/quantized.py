@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sts_edge.cpu_kernels.affine_matmul import kernel as cpu_kernel
+from sts_edge.cpu_kernels.affine_matmul import amx_ready as cpu_amx_ready, kernel as cpu_kernel
 from sts_edge.triton_kernels.quantized_layout import QuantizedWeight, dequantize
 
 try:  # the GPU's product; a CPU-only install has no Triton, and its packed layers use PyTorch's kernel
@@ -39,10 +39,20 @@ class CpuAffineWeight:
     bits: int
     group_size: int
     int8_activations: bool = False  # 4 bits: decode-sized products in integers (see the kernel)
+    amx: bool = False  # those integer products on AMX tiles, at every block size (see the kernel)
+
+    @classmethod
+    def for_products(cls, words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int,
+                     int8_activations: bool) -> CpuAffineWeight:
+        """The weight with the products this machine runs best: int8 activations on AMX tiles where
+        the CPU has them (4 bits, groups of 64 or 128; STS_EDGE_CPU_AMX=0 at load turns them off)."""
+        int8_activations = int8_activations and bits == 4
+        amx = int8_activations and group_size in (64, 128) and cpu_amx_ready()
+        return cls(words, scales, biases, bits, group_size, int8_activations, amx)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = cpu_kernel()(x.float().contiguous(), self.words, self.scales, self.biases, self.bits, self.group_size,
-                         self.int8_activations)
+                         self.int8_activations, self.amx)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -176,8 +186,8 @@ class QuantizedLinear(nn.Module):
     def repack(self, dtype: torch.dtype) -> None:
         """Once, after loading: the kernel's layout replaces the checkpoint's (activations in `dtype`)."""
         if self.weight.device.type == "cpu" and cpu_kernel_reads(self.bits, self.group_size, self.inputs):
-            self.packed = CpuAffineWeight(self.weight, self.scales, self.biases, self.bits, self.group_size,
-                                          self.bits == 4 and dtype == INT8_PRODUCTS)
+            self.packed = CpuAffineWeight.for_products(self.weight, self.scales, self.biases, self.bits, self.group_size,
+                                                       dtype == INT8_PRODUCTS)
             self.weight = self.scales = self.biases = None
             return
         dtype = torch.bfloat16 if dtype == INT8_PRODUCTS else dtype  # PyTorch's kernel's nearest
@@ -217,8 +227,8 @@ class QuantizedEmbedding(nn.Module):
         if self.weight.device.type == "cpu" and cpu_kernel_reads(self.bits, self.group_size, self.dim):
             # The checkpoint's layout serves both the lookups and, tied, the LM head's product.
             self.packed = CpuAffineWeight(self.weight, self.scales, self.biases, self.bits, self.group_size)
-            self.head = dataclasses.replace(self.packed, int8_activations=self.bits == 4 and products == INT8_PRODUCTS) \
-                if as_head else None
+            self.head = CpuAffineWeight.for_products(self.weight, self.scales, self.biases, self.bits, self.group_size,
+                                                     products == INT8_PRODUCTS) if as_head else None
             self.weight = self.scales = self.biases = None
             return
         products = torch.bfloat16 if products == INT8_PRODUCTS else products
@@ -271,9 +281,8 @@ def fuse_quantized(*layers: QuantizedLinear) -> QuantizedLinear | None:
     fused.weight = fused.scales = fused.biases = None
     with torch.no_grad():
         if isinstance(first.packed, CpuAffineWeight):  # the checkpoint's layout: outputs lead everywhere
-            fused.packed = CpuAffineWeight(*(torch.cat([getattr(layer.packed, name) for layer in layers])
-                                             for name in ("words", "scales", "biases")), first.bits, first.group_size,
-                                           first.packed.int8_activations)
+            fused.packed = dataclasses.replace(first.packed, **{name: torch.cat([getattr(layer.packed, name) for layer in layers])
+                                                                for name in ("words", "scales", "biases")})
         elif isinstance(first.packed, Int4PackWeight):  # the layout's outputs lead, its scales [groups, outputs, 2]
             fused.packed = Int4PackWeight(torch.cat([layer.packed.packed for layer in layers]),
                                           torch.cat([layer.packed.scales_and_zeros for layer in layers], dim=1),
