@@ -29,13 +29,16 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from bench_kernels import copies_for, time_graph  # noqa: E402  (the project's CUDA-graph timing)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GROUP = 64
@@ -338,40 +341,6 @@ def dump(kernel=None, sig=None, constexprs=None, num_warps=4, num_stages=3, tag=
         lc = Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in body)
         print(f"  loop @{lo:#x}: {len(body)} instructions", dict(lc.most_common(22)))
     return c
-
-
-TIMING_MIN_CALLS = 16
-
-
-def time_graph(calls, replays=30):
-    """As scripts/bench_kernels.time_graph: median us per call over CUDA-graph replays of >= 16 calls."""
-    calls = calls * -(-TIMING_MIN_CALLS // len(calls))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        b, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        b.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(b.elapsed_time(e) * 1000 / len(calls))
-    return statistics.median(times)
-
-
-def copies_for(bytes_each):
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(1, min(16, -(-4 * l2 // bytes_each)))
 
 
 KEYS = ("block_n", "num_warps", "G", "splits", "num_stages", "asm", "prefetch", "bias_end", "dec", "sbload")
