@@ -365,7 +365,7 @@ inline void unpack_chunk(const uint32_t* words, int64_t words_per_row, int64_t c
       bytes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low_nibbles)),
                                  _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles), 1);
     }
-    _mm512_store_si512(tile[i], bytes);
+    _mm512_storeu_si512(tile[i], bytes);
   }
 }
 
@@ -391,6 +391,15 @@ void amx_outputs(const AmxActivations& act, const uint32_t* words, const T* scal
   // Two of each so that a group's tile products run while the previous group's sums are scaled.
   alignas(64) uint8_t unpacked[2][2][kAmxOutputs][kAmxChunk];  // [buffer][a group's chunk (up to 2)]
   alignas(64) int32_t sums[2][kAmxOutputs][kAmxRows];
+  // With several blocks of rows (prefill chunks) each block of outputs is unpacked once, whole,
+  // instead of once per block of rows; one block of rows unpacks a group at a time, as it goes.
+  std::vector<uint8_t> whole(row_blocks > 1 ? chunks * kAmxOutputs * kAmxChunk : 0);  // [chunk][output][input]
+  auto whole_chunk = [&](int64_t c) {
+    return reinterpret_cast<uint8_t(*)[kAmxChunk]>(whole.data() + c * kAmxOutputs * kAmxChunk);
+  };
+  auto weight_tile = [&](int buffer, int64_t g, int64_t k) -> const uint8_t* {
+    return row_blocks > 1 ? whole_chunk(g * per_group + k)[0] : unpacked[buffer][k][0];
+  };
   std::vector<float> weight_scales(kAmxOutputs * groups), weight_biases(kAmxOutputs * groups);
   configure_tiles();
   for (int64_t block = first_block; block < last_block; ++block) {
@@ -398,6 +407,9 @@ void amx_outputs(const AmxActivations& act, const uint32_t* words, const T* scal
     block_floats(scales, o0, count, groups, false, weight_scales.data());
     block_floats(biases, o0, count, groups, false, weight_biases.data());
     const uint32_t* block_words = words + o0 * words_per_row;
+    if (row_blocks > 1)
+      for (int64_t c = 0; c < chunks; ++c)
+        unpack_chunk(block_words, words_per_row, count, c, whole_chunk(c));
     for (int64_t rb = 0; rb < row_blocks; ++rb) {
       const int8_t* tiles = act.tiles.data() + rb * chunks * kAmxChunk * kAmxRows;
       const float* x_scales = act.scales.data() + rb * groups * kAmxRows;
@@ -406,13 +418,13 @@ void amx_outputs(const AmxActivations& act, const uint32_t* words, const T* scal
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t g = 0; g < groups; ++g) {
         const int buffer = g & 1;
-        for (int64_t k = 0; k < per_group; ++k)
+        for (int64_t k = 0; k < per_group && row_blocks == 1; ++k)
           unpack_chunk(block_words, words_per_row, count, g * per_group + k, unpacked[buffer][k]);
         // Tile registers are named by constants: the two buffers' sums go to tiles 2 and 3.
         if (buffer == 0) {
           _tile_zero(2);
           for (int64_t k = 0; k < per_group; ++k) {
-            _tile_loadd(0, unpacked[0][k], kAmxChunk);
+            _tile_loadd(0, weight_tile(0, g, k), kAmxChunk);
             _tile_loadd(1, tiles + (g * per_group + k) * kAmxChunk * kAmxRows, kAmxRows * 4);
             _tile_dpbusd(2, 0, 1);
           }
@@ -420,7 +432,7 @@ void amx_outputs(const AmxActivations& act, const uint32_t* words, const T* scal
         } else {
           _tile_zero(3);
           for (int64_t k = 0; k < per_group; ++k) {
-            _tile_loadd(4, unpacked[1][k], kAmxChunk);
+            _tile_loadd(4, weight_tile(1, g, k), kAmxChunk);
             _tile_loadd(5, tiles + (g * per_group + k) * kAmxChunk * kAmxRows, kAmxRows * 4);
             _tile_dpbusd(3, 4, 5);
           }
