@@ -35,9 +35,7 @@
 
 #include <immintrin.h>
 
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
 #include <algorithm>
 #include <cmath>
@@ -47,6 +45,15 @@
 #include <vector>
 
 namespace {
+
+using sts_edge_amx::cpu_has_amx;
+using sts_edge_amx::TileConfig;
+
+// Whether 4-bit products with int8 activations can run on the tile units here.
+bool amx_ready() {
+  static const bool ready = cpu_has_amx() && sts_edge_amx::tiles_permitted();
+  return ready;
+}
 
 constexpr int64_t kMaxDecodeRows = 8;
 constexpr int64_t kPassRows = 4;
@@ -274,33 +281,6 @@ constexpr int64_t kAmxRows = 16, kAmxOutputs = 16, kAmxChunk = 64;
 // Software prefetch distance along an output's row of words (1 KB): a decode step streams the
 // weights from memory, where asking ahead measured faster than the hardware prefetchers alone.
 constexpr int64_t kPrefetchWords = 256;
-
-struct TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool cpu_has_amx() {
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool avx512 = (ebx >> 16 & 1) && (ebx >> 30 & 1) && (ebx >> 31 & 1) && (ecx >> 11 & 1);  // F, BW, VL, VNNI
-  const bool amx = (edx >> 24 & 1) && (edx >> 25 & 1);     // AMX tiles and their int8 products
-  return avx512 && amx;
-}
-
-// Linux hands out the tile registers' 8 KB of state only to processes that ask for it once
-// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); the permission covers every thread.
-bool amx_ready() {
-  static const bool ready = [] {
-    if (!cpu_has_amx()) return false;
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return ready;
-}
 
 __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
 void configure_tiles() {

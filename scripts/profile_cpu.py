@@ -39,7 +39,7 @@ def median_ms(call, repeats: int) -> float:
 
 
 def products(rows_list: list[int]) -> list[dict]:
-    from sts_edge.cpu_kernels.affine_matmul import amx_ready, kernel
+    from sts_edge.cpu_kernels.extension import amx_ready, kernel
 
     affine = kernel()
     gen = torch.Generator().manual_seed(0)

@@ -21,7 +21,7 @@ import numpy as np
 
 from sts_edge.backend import load_model
 from sts_edge.bench.latency import header
-from sts_edge.cpu_kernels.affine_matmul import amx_ready
+from sts_edge.cpu_kernels.extension import amx_ready
 from sts_edge.models import resolve_model
 from sts_edge.tokenizer import Tokenizer
 

@@ -102,7 +102,7 @@ def decoded_reference(directory, ids) -> np.ndarray:
 
 
 def needs_cpu_kernel():
-    from sts_edge.cpu_kernels.affine_matmul import kernel, unavailable_reason
+    from sts_edge.cpu_kernels.extension import kernel, unavailable_reason
 
     if kernel() is None:
         pytest.skip(f"the CPU kernel is unavailable here: {unavailable_reason()}")
@@ -228,7 +228,7 @@ def test_on_amx_tiles_speculative_greedy_equals_the_targets_greedy(quantized_pai
     block size, prefill chunks included: the logits stay near the decoded weights', and blocks of
     2, 5 and 8 rows give the single steps' tokens (a row's bits do not depend on its block)."""
     from sts_edge.backends.torch import loader
-    from sts_edge.cpu_kernels.affine_matmul import amx_ready
+    from sts_edge.cpu_kernels.extension import amx_ready
 
     needs_cpu_kernel()
     if not amx_ready():

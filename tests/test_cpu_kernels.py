@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def affine_matmul():
-    from sts_edge.cpu_kernels.affine_matmul import kernel, unavailable_reason
+    from sts_edge.cpu_kernels.extension import kernel, unavailable_reason
 
     if kernel() is None:
         pytest.skip(f"the CPU kernel is unavailable here: {unavailable_reason()}")
@@ -61,7 +61,7 @@ def int8_rounded(x: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def needs_amx(amx: bool) -> None:
-    from sts_edge.cpu_kernels.affine_matmul import amx_ready
+    from sts_edge.cpu_kernels.extension import amx_ready
 
     if amx and not amx_ready():
         pytest.skip("this CPU has no AMX (or STS_EDGE_CPU_AMX=0)")
@@ -143,7 +143,7 @@ def test_bad_arguments_are_refused(affine_matmul):
 
 
 def test_the_kernel_can_be_turned_off(monkeypatch):
-    from sts_edge.cpu_kernels import affine_matmul as module
+    from sts_edge.cpu_kernels import extension as module
 
     monkeypatch.setenv("STS_EDGE_CPU_KERNELS", "0")
     module.kernel.cache_clear()

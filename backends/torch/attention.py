@@ -2,8 +2,10 @@
 
 A forward reads the cache in one of three ways: dense (causal over rows 0..start+n), dense while
 folding its probabilities into the draft's running scores, or over index sets (verification
-with a sparse policy). Decode-sized blocks on a GPU go to the Triton kernels (triton_kernels/);
-prefill and the CPU take the plain PyTorch paths below, which are also the kernels' references.
+with a sparse policy). Decode-sized blocks go to kernels: the Triton ones on a GPU
+(triton_kernels/), the C++ one on the CPU (cpu_kernels/decode_attention.cpp). Prefill, and a CPU
+where the kernel cannot be built, take the plain PyTorch paths below, which are also the
+kernels' references.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from sts_edge.backend import ScoreSpec
 from sts_edge.backends.torch.selection import csr_offsets
+from sts_edge.cpu_kernels.extension import attention_kernel as cpu_attention_kernel
 
 try:  # Triton ships for Linux and Windows; elsewhere only the plain paths exist.
     from sts_edge.triton_kernels.draft_attention import draft_attention_with_scores
@@ -66,6 +69,17 @@ def attend(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start:
             return split_attention(q, cache_k, cache_v, start, bound=bound, check=False)
     if isinstance(start, torch.Tensor):
         raise ValueError("a device-side start needs the kernel path (per-KV-head sets, a GPU)")
+    if q.device.type == "cpu" and q.shape[1] <= GROUPED_ROWS and cpu_kernel_reads(q, cache_k):
+        # cpu_kernels/decode_attention.cpp: each KV head's rows read once for the whole block, and
+        # every row's bits the single step's.
+        kernel = cpu_attention_kernel()
+        if sets is not None:
+            return kernel(q.contiguous(), cache_k, cache_v, start, sets.long().contiguous())
+        if scores is not None:
+            row, spec = scores
+            return kernel(q.contiguous(), cache_k, cache_v, start, None, row, spec.aggregation == "max",
+                          spec.granularity != "kv")
+        return kernel(q.contiguous(), cache_k, cache_v, start)
     keys, values = cache_k[:, : start + q.shape[1]], cache_v[:, : start + q.shape[1]]
     if sets is not None:
         return sparse_attend(q, cache_k, cache_v, start, sets.long())
@@ -73,6 +87,13 @@ def attend(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start:
         row, spec = scores
         return attend_and_score(q, keys, values, start, row, spec.aggregation, spec.granularity)
     return dense_attend(q, keys, values, start)
+
+
+def cpu_kernel_reads(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """Whether cpu_kernels/decode_attention.cpp takes this attention: it was built here, and the
+    dtype and head size are ones it reads (float32, bfloat16, float16; head_dim a multiple of 8)."""
+    return (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+            and cache_k.stride(-1) == 1 and cpu_attention_kernel() is not None)
 
 
 def causal_block_mask(start: int, n: int, device: torch.device) -> torch.Tensor:

@@ -18,7 +18,7 @@ from sts_edge.backends.torch.quantized import (INT8_PRODUCTS, CpuAffineWeight, I
 from sts_edge.backends.torch.sampling import TorchDistributions, choose
 from sts_edge.backends.torch.selection import LayerSets
 from sts_edge.config import ModelConfig
-from sts_edge.cpu_kernels.affine_matmul import unavailable_reason as cpu_kernel_missing
+from sts_edge.cpu_kernels.extension import unavailable_reason as cpu_kernel_missing
 from sts_edge.errors import ModelLoadError
 from sts_edge.mask import VerificationPlan, units
 from sts_edge.host import cpu_threads, map_large_allocations, process_peak, release_freed_memory, reset_process_peak

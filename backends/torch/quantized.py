@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sts_edge.cpu_kernels.affine_matmul import amx_ready as cpu_amx_ready, kernel as cpu_kernel
+from sts_edge.cpu_kernels.extension import amx_ready as cpu_amx_ready, kernel as cpu_kernel
 from sts_edge.triton_kernels.quantized_layout import QuantizedWeight, dequantize
 
 try:  # the GPU's product; a CPU-only install has no Triton, and its packed layers use PyTorch's kernel

@@ -1,4 +1,5 @@
-"""The CPU product with mlx-lm's affine-quantized weights (affine_matmul.cpp), compiled on first use.
+"""The CPU kernels (affine_matmul.cpp: products with mlx-lm's affine-quantized weights;
+decode_attention.cpp: attention of decode-sized blocks over the KV cache), compiled on first use.
 
 PyTorch builds it with the host's C++ compiler into its extensions cache (TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions) once per machine and PyTorch version; later processes load the
@@ -11,6 +12,7 @@ with int8 activations on the tile units (`STS_EDGE_CPU_AMX=0` keeps it on the AV
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -20,7 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("affine_matmul.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("affine_matmul.cpp", "decode_attention.cpp")]
+HEADERS = [Path(__file__).with_name("amx.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # -fopenmp: at::parallel_for runs on PyTorch's OpenMP pool
 _reason: str | None = None
 
@@ -49,13 +52,25 @@ def kernel():
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="sts_edge_cpu_affine", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        # PyTorch rebuilds when a source changes, not a header: the name carries the header's hash.
+        digest = hashlib.sha256(b"".join(header.read_bytes() for header in HEADERS)).hexdigest()[:10]
+        load(name=f"sts_edge_cpu_{digest}", sources=[str(source) for source in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: PyTorch's kernels remain
         _reason = f"the CPU kernel did not build ({str(err).splitlines()[0][:200]})"
         log.warning("sts-edge: %s; quantized layers use PyTorch's kernels instead", _reason)
         return None
     return torch.ops.sts_edge_cpu.affine_matmul
+
+
+@functools.cache
+def attention_kernel():
+    """torch.ops.sts_edge_cpu.decode_attention(q, cache_k, cache_v, start, indices, scores, score_max,
+    score_per_head), or None where the library cannot be built or STS_EDGE_CPU_ATTENTION=0 (read at
+    first use: then attention takes PyTorch's operations)."""
+    if os.environ.get("STS_EDGE_CPU_ATTENTION", "1") == "0" or kernel() is None:
+        return None
+    return torch.ops.sts_edge_cpu.decode_attention
 
 
 def unavailable_reason() -> str | None:
