@@ -133,15 +133,15 @@ void convert_rows(const T* base, int64_t row_stride, const Keys& keys, int64_t u
   }
 }
 
-// out[u, r] = the sum over the chunks row r sees of partial [units, chunks, stride rows, head_dim], in
-// the chunks' order.
+// out[u, r] = the sum over the chunks (of `chunk` keys) row r sees of partial [units, chunks, stride
+// rows, head_dim], in the chunks' order.
 template <typename T, typename Seen>
-void add_partial_sums(const float* partial, const Keys& keys, int64_t n, int64_t rows, int64_t stride, int64_t chunks,
+void add_partial_sums(const float* partial, const Keys& keys, int64_t rows, int64_t stride, int64_t chunk, int64_t chunks,
                       int64_t head_dim, const Seen& seen, T* out) {
   at::parallel_for(0, keys.units * rows, 1, [&](int64_t first, int64_t last) {
     std::vector<float> total(head_dim);
     for (int64_t i = first; i < last; ++i) {
-      const int64_t u = i / rows, r = i % rows, used = (seen(r) + kChunk - 1) / kChunk;
+      const int64_t u = i / rows, r = i % rows, used = (seen(r) + chunk - 1) / chunk;
       std::fill(total.begin(), total.end(), 0.0f);
       for (int64_t c = 0; c < used; ++c) {
         const float* sums = &partial[((u * chunks + c) * stride + r) * head_dim];
@@ -274,7 +274,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& ca
       }
     }
   });
-  add_partial_sums(partial.data(), keys, n, rows, rows, chunks, head_dim, seen, out.data_ptr<T>());
+  add_partial_sums(partial.data(), keys, rows, rows, kChunk, chunks, head_dim, seen, out.data_ptr<T>());
 }
 
 // The same three passes on AMX tiles, for bfloat16 (where the CPU has AMX-BF16). Per 16 keys and
@@ -285,6 +285,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& ca
 // too, in [rows, 16 of head_dim] blocks over 32 keys at a time. Tile products accumulate each
 // element in a fixed order whatever the other rows, so a row's bits still do not depend on the block.
 constexpr int64_t kTile = 16;
+constexpr int64_t kValueChunk = 256;  // keys per partial sum of probabilities times values
 #define STS_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 
 bool amx_bf16_ready() {
@@ -319,23 +320,26 @@ STS_AMX_TARGET inline __m512 exp16(__m512 x) {  // exp8's polynomial, 16 lanes
 // (PyTorch's parallel_for runs lambdas, which do not take a function's target attributes).
 struct AmxAttention {
   const Keys& keys;
-  int64_t heads, n, head_dim, rows, blocks, chunks, padded, steps;
+  int64_t heads, n, head_dim, rows, blocks, chunks, steps, value_chunks, value_padded;
   float scale;
   const uint16_t *kp, *vp;
   int64_t kv_stride, row_stride;
   std::vector<uint16_t> query_tiles;  // per [unit, block of 16 rows, step]: [16 pairs of head_dim, 16 rows, 2]
-  std::vector<float> logits;          // transposed: [units, blocks, padded keys, 16 rows]
-  std::vector<float> partial;         // [units, chunks, blocks * 16 rows, head_dim]
+  std::vector<float> logits;          // transposed: [units, blocks, value_padded keys, 16 rows]
+  std::vector<float> inverses;        // 1 / each row's sum of exponentials: [units, blocks, 16 rows]
+  std::vector<float> partial;         // [units, value_chunks, blocks * 16 rows, head_dim]
 
   int64_t seen(int64_t r) const { return keys.length - n + r % n + 1; }
   float probability(int64_t u, int64_t r, int64_t j) const {
-    return logits[((u * blocks + r / kTile) * padded + j) * kTile + r % kTile];
+    const int64_t lane = (u * blocks + r / kTile) * kTile + r % kTile;
+    return logits[((u * blocks + r / kTile) * value_padded + j) * kTile + r % kTile] * inverses[lane];
   }
 
   AmxAttention(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v, const Keys& keys_)
       : keys(keys_), heads(q.size(0)), n(q.size(1)), head_dim(q.size(2)) {
     rows = heads / keys.units * n, blocks = (rows + kTile - 1) / kTile;
-    chunks = (keys.length + kChunk - 1) / kChunk, padded = chunks * kChunk, steps = head_dim / 32;
+    chunks = (keys.length + kChunk - 1) / kChunk, steps = head_dim / 32;
+    value_chunks = (keys.length + kValueChunk - 1) / kValueChunk, value_padded = value_chunks * kValueChunk;
     scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     kp = reinterpret_cast<const uint16_t*>(cache_k.data_ptr<at::BFloat16>());
     vp = reinterpret_cast<const uint16_t*>(cache_v.data_ptr<at::BFloat16>());
@@ -347,8 +351,9 @@ struct AmxAttention {
         for (int64_t t = 0; t < head_dim; ++t)
           query_tiles[(((u * blocks + r / kTile) * steps + t / 32) * kTile + t % 32 / 2) * 32 + r % kTile * 2 + t % 2] =
               qp[(u * rows + r) * head_dim + t];
-    logits.resize(keys.units * blocks * padded * kTile);
-    partial.resize(keys.units * chunks * blocks * kTile * head_dim);
+    logits.resize(keys.units * blocks * value_padded * kTile);
+    inverses.resize(keys.units * blocks * kTile);
+    partial.resize(keys.units * value_chunks * blocks * kTile * head_dim);
   }
 
   // 1. logits of tasks (unit, chunk) [first, last)
@@ -357,7 +362,12 @@ struct AmxAttention {
     std::vector<uint16_t> tile(kChunk * head_dim);  // the chunk's keys, rows as in the cache, zero past the last
     for (int64_t task = first; task < last; ++task) {
       const int64_t u = task / chunks, j0 = task % chunks * kChunk, width = std::min(kChunk, keys.length - j0);
-      for (int64_t k = 0; k < kChunk; ++k) {
+      // A whole chunk of consecutive rows loads into tiles from the cache itself; index sets and the
+      // last chunk are gathered first (its rows past the last key zero).
+      const bool in_place = keys.indices == nullptr && width == kChunk;
+      const uint16_t* rows_at = in_place ? kp + keys.kv_head(u) * kv_stride + j0 * row_stride : tile.data();
+      const int64_t stride = in_place ? row_stride : head_dim;
+      for (int64_t k = 0; k < kChunk && !in_place; ++k) {
         uint16_t* dst = &tile[k * head_dim];
         if (k < width) std::memcpy(dst, kp + keys.kv_head(u) * kv_stride + keys.position(u, j0 + k) * row_stride, head_dim * 2);
         else std::memset(dst, 0, head_dim * 2);
@@ -366,17 +376,17 @@ struct AmxAttention {
         for (int64_t b = 0; b < blocks; ++b) {
           _tile_zero(0);
           for (int64_t step = 0; step < steps; ++step) {
-            _tile_loadd(1, &tile[k0 * head_dim + step * 32], head_dim * 2);
+            _tile_loadd(1, rows_at + k0 * stride + step * 32, stride * 2);
             _tile_loadd(2, &query_tiles[((u * blocks + b) * steps + step) * kTile * 32], 64);
             _tile_dpbf16ps(0, 1, 2);
           }
-          _tile_stored(0, &logits[((u * blocks + b) * padded + j0 + k0) * kTile], 64);
+          _tile_stored(0, &logits[((u * blocks + b) * value_padded + j0 + k0) * kTile], 64);
         }
     }
   }
 
-  // 2. softmax down the keys of (unit, block) [first, last), one row per lane: the probabilities in
-  // place, zero where a row does not see a key.
+  // 2. softmax down the keys of (unit, block) [first, last), one row per lane: exponentials in
+  // place, zero where a row does not see a key, and each row's 1 / sum (applied as they are read).
   STS_AMX_TARGET void softmax_blocks(int64_t first, int64_t last) {
     for (int64_t ub = first; ub < last; ++ub) {
       const int64_t b = ub % blocks;
@@ -385,7 +395,7 @@ struct AmxAttention {
         limits[lane] = static_cast<int32_t>(b * kTile + lane < rows ? seen(b * kTile + lane) : keys.length);
       const __m512i limit = _mm512_load_si512(limits);
       const __m512 scales = _mm512_set1_ps(scale);
-      float* column = &logits[ub * padded * kTile];
+      float* column = &logits[ub * value_padded * kTile];
       __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       for (int64_t j = 0; j < keys.length; ++j) {
         const __mmask16 visible = _mm512_cmpgt_epi32_mask(limit, _mm512_set1_epi32(static_cast<int32_t>(j)));
@@ -399,51 +409,55 @@ struct AmxAttention {
         _mm512_storeu_ps(column + j * kTile, p);
         total = _mm512_add_ps(total, p);
       }
-      const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
-      for (int64_t j = 0; j < keys.length; ++j)
-        _mm512_storeu_ps(column + j * kTile, _mm512_mul_ps(_mm512_loadu_ps(column + j * kTile), inverse));
-      for (int64_t j = keys.length; j < padded; ++j) _mm512_storeu_ps(column + j * kTile, _mm512_setzero_ps());
+      _mm512_storeu_ps(&inverses[ub * kTile], _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+      for (int64_t j = keys.length; j < value_padded; ++j) _mm512_storeu_ps(column + j * kTile, _mm512_setzero_ps());
     }
   }
 
-  // 3. probabilities (rounded to bfloat16) times values for tasks (unit, chunk) [first, last)
+  // 3. probabilities (rounded to bfloat16) times values for tasks (unit, value chunk) [first, last)
   STS_AMX_TARGET void value_tasks(int64_t first, int64_t last) {
     configure_attention_tiles();
     // Values as the second operand, per 16 of head_dim a [pairs of keys, 16, 2] tile column; the
-    // probabilities as the first, [blocks, 16 rows, kChunk keys].
-    std::vector<uint16_t> values(head_dim / kTile * (kChunk / 2) * 32), probs(blocks * kTile * kChunk);
+    // probabilities as the first, [blocks, 16 rows, kValueChunk keys].
+    std::vector<uint16_t> values(head_dim / kTile * (kValueChunk / 2) * 32), probs(blocks * kTile * kValueChunk);
     for (int64_t task = first; task < last; ++task) {
-      const int64_t u = task / chunks, c = task % chunks, j0 = c * kChunk, width = std::min(kChunk, keys.length - j0);
+      const int64_t u = task / value_chunks, c = task % value_chunks, j0 = c * kValueChunk;
+      const int64_t width = std::min(kValueChunk, keys.length - j0);
       const uint16_t* base = vp + keys.kv_head(u) * kv_stride;
-      for (int64_t k = 0; k < kChunk; k += 2) {  // keys k and k + 1 interleaved: one 32-bit lane per pair
+      for (int64_t k = 0; k < kValueChunk; k += 2) {  // keys k and k + 1 interleaved: one 32-bit lane per pair
         const uint16_t* even = base + keys.position(u, j0 + std::min(k, width - 1)) * row_stride;
         const uint16_t* odd = base + keys.position(u, j0 + std::min(k + 1, width - 1)) * row_stride;
         const __mmask16 live = (k < width ? 0xFFFF : 0), live_odd = (k + 1 < width ? 0xFFFF : 0);
         for (int64_t t0 = 0; t0 < head_dim; t0 += kTile) {
           const __m512i low = _mm512_maskz_cvtepu16_epi32(live, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + t0)));
           const __m512i high = _mm512_maskz_cvtepu16_epi32(live_odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + t0)));
-          _mm512_storeu_si512(&values[((t0 / kTile) * (kChunk / 2) + k / 2) * 32], _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+          _mm512_storeu_si512(&values[((t0 / kTile) * (kValueChunk / 2) + k / 2) * 32],
+                              _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+        }
+      }
+      for (int64_t b = 0; b < blocks; ++b) {
+        const __m512 inverse = _mm512_loadu_ps(&inverses[(u * blocks + b) * kTile]);
+        for (int64_t k = 0; k < kValueChunk; k += 16) {
+          const float* column = &logits[((u * blocks + b) * value_padded + j0 + k) * kTile];
+          alignas(64) float normalized[16][kTile];  // [key][lane], then read down each lane
+          for (int64_t i = 0; i < 16; ++i) _mm512_store_ps(normalized[i], _mm512_mul_ps(_mm512_loadu_ps(column + i * kTile), inverse));
+          for (int64_t lane = 0; lane < kTile; ++lane) {
+            alignas(64) float gathered[16];
+            for (int64_t i = 0; i < 16; ++i) gathered[i] = normalized[i][lane];
+            __m256bh rounded = _mm512_cvtneps_pbh(_mm512_load_ps(gathered));
+            std::memcpy(&probs[(b * kTile + lane) * kValueChunk + k], &rounded, 32);
+          }
         }
       }
       for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t k = 0; k < kChunk; k += 16) {
-          const float* column = &logits[((u * blocks + b) * padded + j0 + k) * kTile];
-          for (int64_t lane = 0; lane < kTile; ++lane) {
-            alignas(64) float gathered[16];
-            for (int64_t i = 0; i < 16; ++i) gathered[i] = column[i * kTile + lane];
-            __m256bh rounded = _mm512_cvtneps_pbh(_mm512_load_ps(gathered));
-            std::memcpy(&probs[(b * kTile + lane) * kChunk + k], &rounded, 32);
-          }
-        }
-      for (int64_t b = 0; b < blocks; ++b)
         for (int64_t t0 = 0; t0 < head_dim; t0 += kTile) {
           _tile_zero(0);
-          for (int64_t k = 0; k < kChunk; k += 32) {
-            _tile_loadd(1, &probs[b * kTile * kChunk + k], kChunk * 2);
-            _tile_loadd(2, &values[((t0 / kTile) * (kChunk / 2) + k / 2) * 32], 64);
+          for (int64_t k = 0; k < kValueChunk; k += 32) {
+            _tile_loadd(1, &probs[b * kTile * kValueChunk + k], kValueChunk * 2);
+            _tile_loadd(2, &values[((t0 / kTile) * (kValueChunk / 2) + k / 2) * 32], 64);
             _tile_dpbf16ps(0, 1, 2);
           }
-          _tile_stored(0, &partial[((u * chunks + c) * blocks * kTile + b * kTile) * head_dim + t0], head_dim * 4);
+          _tile_stored(0, &partial[((u * value_chunks + c) * blocks * kTile + b * kTile) * head_dim + t0], head_dim * 4);
         }
     }
   }
@@ -458,8 +472,8 @@ void attend_amx(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor
     fold_scores([&](int64_t u, int64_t r, int64_t j) { return a.probability(u, r, j); }, keys, a.heads, a.n, a.rows, scores,
                 score_stride, score_max, score_per_head);
   }
-  at::parallel_for(0, keys.units * a.chunks, 1, [&](int64_t first, int64_t last) { a.value_tasks(first, last); });
-  add_partial_sums(a.partial.data(), keys, a.n, a.rows, a.blocks * kTile, a.chunks, a.head_dim,
+  at::parallel_for(0, keys.units * a.value_chunks, 1, [&](int64_t first, int64_t last) { a.value_tasks(first, last); });
+  add_partial_sums(a.partial.data(), keys, a.rows, a.blocks * kTile, kValueChunk, a.value_chunks, a.head_dim,
                    [&](int64_t r) { return a.seen(r); }, out.data_ptr<at::BFloat16>());
 }
 

@@ -8,7 +8,12 @@
    the CPU has them AMX tiles, at every row count), PyTorch's int4 kernel
    (`_weight_int4pack_mm_for_cpu`, bfloat16 path), and float32 `x @ w.t()` on the decoded weight.
    Medians of repeated calls, milliseconds.
-2. The demo pair as loaded by default: a forward of 1-5 tokens after a --context prompt (a decode
+2. Attention of a decode-sized block over a bfloat16 cache with the demo models' head shapes
+   (target: 12 query heads over 2 KV heads of 128; draft: 14 over 2 of 64) at --context rows:
+   our kernel (cpu_kernels/decode_attention.cpp; on AMX tiles where the CPU has them, and its AVX2
+   loops) against PyTorch's operations as the backend ran them before it (one row at a time,
+   `dense_attend` with the kernel off). Medians, milliseconds per layer.
+3. The demo pair as loaded by default: a forward of 1-5 tokens after a --context prompt (a decode
    step is 1 token; a verification block gamma + 1), and torch.profiler's split of one 1-token and
    one 3-token forward of each model into its costliest operators.
 """
@@ -71,6 +76,27 @@ def products(rows_list: list[int]) -> list[dict]:
     return found
 
 
+def attention(context: int) -> list[dict]:
+    from sts_edge.backends.torch import attention as plain
+    from sts_edge.cpu_kernels.extension import attention_kernel
+
+    kernel = attention_kernel()
+    gen = torch.Generator().manual_seed(0)
+    found = []
+    for label, heads, kv_heads, head_dim in (("target", 12, 2, 128), ("draft", 14, 2, 64)):
+        keys, values = (torch.randn(kv_heads, context + 16, head_dim, generator=gen).bfloat16() for _ in range(2))
+        for rows in (1, 2, 3, 5):
+            q = torch.randn(heads, rows, head_dim, generator=gen).bfloat16()
+            row = {"model": label, "context": context, "rows": rows, "pytorch_row_by_row_ms": median_ms(
+                lambda: plain.dense_attend(q, keys[:, : context + rows], values[:, : context + rows], context), 20)}
+            if kernel is not None:
+                row["ours_ms"] = median_ms(lambda: kernel(q, keys, values, context, None, None, True, False, True), 20)
+                row["ours_avx2_ms"] = median_ms(lambda: kernel(q, keys, values, context, None, None, True, False, False), 20)
+            found.append(row)
+            print(json.dumps(row), flush=True)
+    return found
+
+
 def forwards(model, context: int, label: str) -> dict:
     ids = list(range(100, 100 + context))
     model.prefill(ids)
@@ -107,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cpu_threads())
     report = {**header("torch-cpu"), "what": "scripts/profile_cpu.py (see its docstring)", "threads": torch.get_num_threads()}
     report["products"] = products([int(r) for r in args.rows.split(",")])
+    report["attention"] = attention(args.context)
     engine = api.load(args.model, args.draft, backend="torch-cpu", max_seq_len=args.context + 64)
     report["threads"] = torch.get_num_threads()
     report["precision"] = engine.target.precision
