@@ -110,10 +110,10 @@ def dense_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
     """
     n = q.shape[1]
     if q.device.type == "cpu" and n <= GROUPED_ROWS:
-        # Row by row, each with a single step's shapes: PyTorch's CPU kernels (a bfloat16 matmul on
-        # AMX, softmax's vector loops) round differently for different lengths, and a verification
-        # block's logits must equal the single steps' bit for bit (speculative greedy output is the
-        # target's own). Each row reads the keys again, from the caches after the first.
+        # (Where our CPU kernel is not built.) Row by row, each with a single step's shapes:
+        # PyTorch's CPU kernels (a bfloat16 matmul on AMX, softmax's vector loops) round differently
+        # for different lengths, and a verification block's logits must equal the single steps' bit
+        # for bit (speculative greedy output is the target's own). Each row reads the keys again.
         return torch.cat([grouped_attend(q[:, i : i + 1], keys[:, : start + i + 1], values[:, : start + i + 1], None)
                           for i in range(n)], dim=1)
     mask = None if n == 1 else causal_block_mask(start, n, q.device)
