@@ -42,7 +42,8 @@ from sts_edge.sampling import GREEDY, SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
 # KV cache precisions a backend offers: 16 is the model's own dtype; 8 and 4 are quantized with a
-# scale and a bias per KV_GROUP_SIZE values of head_dim (or per head where head_dim is smaller).
+# scale and a bias per KV_GROUP_SIZE values of head_dim (or per head where head_dim is smaller),
+# around a fixed per-channel centre (backends/torch/quantized_kv.py).
 KV_BITS = (16, 8, 4)
 KV_GROUP_SIZE = 32
 

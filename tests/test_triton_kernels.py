@@ -459,12 +459,18 @@ def test_device_side_start_matches_the_plain_paths(make_model):
 
 
 def quantized_cache(cache: torch.Tensor, bits: int, group_size: int):
-    """(QuantizedRows of a cache, the cache those rows decode to)."""
+    """(QuantizedRows of a cache, the cache those rows decode to). The centres are the live rows'
+    channel means (junk rows are NaN) moved by a few units per KV head and channel, so that a
+    centre read from the wrong head or channel shows."""
     from sts_edge.backends.torch.quantized_kv import dequantize_rows, quantize_rows
     from sts_edge.triton_kernels.verify_attention import QuantizedRows
 
-    parts = quantize_rows(cache, bits, group_size)
-    return QuantizedRows(*parts, bits, group_size), dequantize_rows(*parts, bits, group_size)
+    kv_heads, _, head_dim = cache.shape
+    shift = 4 * torch.randn(kv_heads, head_dim, generator=torch.Generator().manual_seed(bits)).to(cache.device)
+    centres = (torch.nanmean(cache.float(), 1) + shift).contiguous()
+    parts = quantize_rows(cache, bits, group_size, centres[:, None])
+    return (QuantizedRows(*parts, centres, bits, group_size),
+            dequantize_rows(*parts, bits, group_size, centres[:, None], cache.dtype))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -506,8 +512,11 @@ def test_quantized_caches_are_checked():
     v_rows, _ = quantized_cache(v, 8, 32)
     with pytest.raises(KernelInputError, match="quantized alike"):
         split_attention(q, k_rows, v_rows, 20)
-    bad = type(k_rows)(k_rows.values, k_rows.scales[:, :, :1], k_rows.biases[:, :, :1], 4, 32)
+    bad = type(k_rows)(k_rows.values, k_rows.scales[:, :, :1], k_rows.biases[:, :, :1], k_rows.centres, 4, 32)
     with pytest.raises(KernelInputError, match="scales and biases"):
+        split_attention(q, bad, bad, 20)
+    bad = type(k_rows)(k_rows.values, k_rows.scales.bfloat16(), k_rows.biases.bfloat16(), k_rows.centres, 4, 32)
+    with pytest.raises(KernelInputError, match="float32"):
         split_attention(q, bad, bad, 20)
 
 

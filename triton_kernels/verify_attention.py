@@ -60,12 +60,14 @@ class IndexLists:
 class QuantizedRows:
     """A KV cache quantized group-wise along head_dim (backends/torch/quantized_kv.py): values uint8
     [kv_heads, capacity, head_dim * bits / 8] (4 bits: two to a byte, the even position in the low
-    nibble), scales and biases [kv_heads, capacity, head_dim / group_size], value = scale * q + bias.
-    The kernels decode each row as they load it; nothing is decoded to memory."""
+    nibble), scales and biases float32 [kv_heads, capacity, head_dim / group_size], centres float32
+    [kv_heads, head_dim], value = scale * q + bias + centre. The kernels decode each row as they
+    load it; nothing is decoded to memory."""
 
     values: torch.Tensor
     scales: torch.Tensor
     biases: torch.Tensor
+    centres: torch.Tensor
     bits: int
     group_size: int
 
@@ -105,10 +107,10 @@ class Launch:
 
 
 @triton.jit
-def _load_rows(base, scale_base, bias_base, rows, stride_r, stride_sr, ok, D: tl.constexpr, BLOCK: tl.constexpr,
-               KV_BITS: tl.constexpr, KV_GROUP: tl.constexpr):
+def _load_rows(base, scale_base, bias_base, centre_base, rows, stride_r, stride_sr, ok, D: tl.constexpr,
+               BLOCK: tl.constexpr, KV_BITS: tl.constexpr, KV_GROUP: tl.constexpr, DTYPE: tl.constexpr):
     """Rows `rows` [BLOCK] of a cache [.., head_dim]: as stored (KV_BITS 16), or decoded from 8 or 4
-    bits (QuantizedRows) in float32 and rounded to the scales' dtype, the model's, as
+    bits (QuantizedRows) in float32 and rounded once to DTYPE, the model's, as
     quantized_kv.dequantize_rows decodes them."""
     d = tl.arange(0, D)
     if KV_BITS == 16:
@@ -126,14 +128,16 @@ def _load_rows(base, scale_base, bias_base, rows, stride_r, stride_sr, ok, D: tl
         biases = tl.load(bias_base + rows[:, None] * stride_sr + groups[None, :], mask=ok[:, None], other=0.0)
         scales = tl.reshape(tl.broadcast_to(scales[:, :, None], (BLOCK, D // KV_GROUP, KV_GROUP)), (BLOCK, D))
         biases = tl.reshape(tl.broadcast_to(biases[:, :, None], (BLOCK, D // KV_GROUP, KV_GROUP)), (BLOCK, D))
-        x = (values.to(tl.float32) * scales.to(tl.float32) + biases.to(tl.float32)).to(scales.dtype)
+        centres = tl.load(centre_base + d)
+        x = (values.to(tl.float32) * scales + biases + centres[None, :]).to(DTYPE)
     return x
 
 
 @triton.jit
 def _split_attention_kernel(
-    Q, K, V, KScales, KBiases, VScales, VBiases, Idx, Offsets, Opart, Lpart, Probs, TileMax,
+    Q, K, V, KScales, KBiases, KCentres, VScales, VBiases, VCentres, Idx, Offsets, Opart, Lpart, Probs, TileMax,
     stride_qh, stride_qn, stride_kh, stride_kr, stride_vh, stride_vr, stride_ksh, stride_ksr, stride_vsh, stride_vsr,
+    stride_kch, stride_vch,
     stride_ph, stride_pn, stride_th, stride_tn,
     Start, rows_per_split, num_splits, qk_scale, block_slot,
     N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
@@ -161,6 +165,7 @@ def _split_attention_kernel(
     v_base = V + kv_head * stride_vh
     ks_base, kb_base = KScales + kv_head * stride_ksh, KBiases + kv_head * stride_ksh
     vs_base, vb_base = VScales + kv_head * stride_vsh, VBiases + kv_head * stride_vsh
+    kc_base, vc_base = KCentres + kv_head * stride_kch, VCentres + kv_head * stride_vch
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -185,8 +190,10 @@ def _split_attention_kernel(
             else:
                 rows = tl.load(Idx + pos, mask=ok, other=0).to(tl.int64)
             # Both gathers are issued before any use, so the K and V rows are in flight together.
-            k = _load_rows(k_base, ks_base, kb_base, rows, stride_kr, stride_ksr, ok, D, BLOCK_N, KV_BITS, KV_GROUP)
-            v = _load_rows(v_base, vs_base, vb_base, rows, stride_vr, stride_vsr, ok, D, BLOCK_N, KV_BITS, KV_GROUP)
+            k = _load_rows(k_base, ks_base, kb_base, kc_base, rows, stride_kr, stride_ksr, ok, D, BLOCK_N,
+                           KV_BITS, KV_GROUP, Q.dtype.element_ty)
+            v = _load_rows(v_base, vs_base, vb_base, vc_base, rows, stride_vr, stride_vsr, ok, D, BLOCK_N,
+                           KV_BITS, KV_GROUP, Q.dtype.element_ty)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -207,7 +214,8 @@ def _split_attention_kernel(
         j = tl.arange(0, BLOCK_SELF)
         rows = start + j
         ok_j = j < N
-        k = _load_rows(k_base, ks_base, kb_base, rows, stride_kr, stride_ksr, ok_j, D, BLOCK_SELF, KV_BITS, KV_GROUP)
+        k = _load_rows(k_base, ks_base, kb_base, kc_base, rows, stride_kr, stride_ksr, ok_j, D, BLOCK_SELF,
+                       KV_BITS, KV_GROUP, Q.dtype.element_ty)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
@@ -219,7 +227,8 @@ def _split_attention_kernel(
                      p.to(tl.float16), mask=valid_m[:, None] & ok_j[None, :])
             tl.store(TileMax + head * stride_th + query * stride_tn + block_slot, m_i, mask=valid_m)
         l_i = tl.sum(p, 1)
-        v = _load_rows(v_base, vs_base, vb_base, rows, stride_vr, stride_vsr, ok_j, D, BLOCK_SELF, KV_BITS, KV_GROUP)
+        v = _load_rows(v_base, vs_base, vb_base, vc_base, rows, stride_vr, stride_vsr, ok_j, D, BLOCK_SELF,
+                       KV_BITS, KV_GROUP, Q.dtype.element_ty)
         if UPCAST:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v)
@@ -300,8 +309,8 @@ def _check_inputs(q: torch.Tensor, cache_k: torch.Tensor | QuantizedRows, cache_
         raise KernelInputError(f"the block must have 1..{MAX_QUERIES} queries (gamma + 1), got {n}")
     if not 0 <= start or start + n > capacity:
         raise KernelInputError(f"block rows {start}..{start + n} do not fit the cache of {capacity} rows")
-    tensors = [q] + ([part for cache in (cache_k, cache_v) for part in (cache.values, cache.scales, cache.biases)]
-                     if quantized else [cache_k, cache_v])
+    tensors = [q] + ([part for cache in (cache_k, cache_v)
+                      for part in (cache.values, cache.scales, cache.biases, cache.centres)] if quantized else [cache_k, cache_v])
     if any(t.stride(-1) != 1 for t in tensors):
         raise KernelInputError("the last axis of q and of every cache tensor must be contiguous")
     if any(t.device != q.device for t in tensors):
@@ -315,9 +324,12 @@ def _check_inputs(q: torch.Tensor, cache_k: torch.Tensor | QuantizedRows, cache_
                                        f"into a power of two, got {cache.values.dtype}, {cache.bits} bits, groups of "
                                        f"{cache.group_size}")
             if cache.scales.shape != (kv_heads, capacity, groups) or cache.biases.shape != cache.scales.shape \
-                    or cache.scales.stride() != cache.biases.stride() or not cache.scales.is_floating_point():
-                raise KernelInputError(f"scales and biases must be float [{kv_heads}, {capacity}, {groups}] with one "
-                                       f"layout, got {tuple(cache.scales.shape)} and {tuple(cache.biases.shape)}")
+                    or cache.scales.stride() != cache.biases.stride() or cache.centres.shape != (kv_heads, head_dim) \
+                    or {cache.scales.dtype, cache.biases.dtype, cache.centres.dtype} != {torch.float32}:
+                raise KernelInputError(f"scales and biases must be float32 [{kv_heads}, {capacity}, {groups}] with one "
+                                       f"layout and centres float32 [{kv_heads}, {head_dim}], got "
+                                       f"{tuple(cache.scales.shape)}, {tuple(cache.biases.shape)} and "
+                                       f"{tuple(cache.centres.shape)}")
         if (cache_k.bits, cache_k.group_size, cache_k.scales.stride()) != (cache_v.bits, cache_v.group_size,
                                                                            cache_v.scales.stride()):
             raise KernelInputError("keys and values must be quantized alike")
@@ -469,15 +481,15 @@ def split_attention(
         tile_probs = tile_max = lpart
     if isinstance(cache_k, QuantizedRows):
         kv_bits, kv_group = cache_k.bits, cache_k.group_size
-        k_parts, v_parts = (cache_k.values, cache_k.scales, cache_k.biases), (cache_v.values, cache_v.scales, cache_v.biases)
-    else:  # the scale and bias pointers are unused
+        k_parts, v_parts = ((cache.values, cache.scales, cache.biases, cache.centres) for cache in (cache_k, cache_v))
+    else:  # the scale, bias and centre pointers are unused
         kv_bits, kv_group = 16, head_dim
-        k_parts, v_parts = (cache_k, cache_k, cache_k), (cache_v, cache_v, cache_v)
+        k_parts, v_parts = (cache_k,) * 4, (cache_v,) * 4
     _split_attention_kernel[(kv_heads, num_splits + 1)](
-        q, k_parts[0], v_parts[0], k_parts[1], k_parts[2], v_parts[1], v_parts[2], indices, offsets, opart, lpart,
-        tile_probs, tile_max,
+        q, k_parts[0], v_parts[0], *k_parts[1:], *v_parts[1:], indices, offsets, opart, lpart, tile_probs, tile_max,
         q.stride(0), q.stride(1), k_parts[0].stride(0), k_parts[0].stride(1), v_parts[0].stride(0), v_parts[0].stride(1),
         k_parts[1].stride(0), k_parts[1].stride(1), v_parts[1].stride(0), v_parts[1].stride(1),
+        k_parts[3].stride(0), v_parts[3].stride(0),
         *(tile_probs.stride()[:2] if write_probs else (0, 0)), *(tile_max.stride()[:2] if write_probs else (0, 0)),
         start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E, block_slot,
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,

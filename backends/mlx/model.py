@@ -53,23 +53,27 @@ class KVCache:
 class QuantizedKVCache:
     """The draft's keys and values in 8 or 4 bits, group-wise affine along head_dim, rows quantized
     once as they are written (backends/torch/quantized_kv.py says why and how; this is the same
-    rule in MLX's ops: per group of `group_size` a scale and a bias, value = scale * q + bias)."""
+    rule in MLX's ops: per group of `group_size` a float32 scale and bias, per channel a float32
+    centre set by the write at row 0, value = scale * q + bias + centre, decoded in float32)."""
 
     def __init__(self, kv_heads: int, capacity: int, head_dim: int, bits: int, dtype: mx.Dtype, group_size: int):
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
         width, groups = head_dim * bits // 8, head_dim // group_size
         self.parts = {name: [mx.zeros((1, kv_heads, capacity, width), dtype=mx.uint8),
-                             mx.zeros((1, kv_heads, capacity, groups), dtype=dtype),
-                             mx.zeros((1, kv_heads, capacity, groups), dtype=dtype)] for name in ("k", "v")}
+                             mx.zeros((1, kv_heads, capacity, groups), dtype=mx.float32),
+                             mx.zeros((1, kv_heads, capacity, groups), dtype=mx.float32)] for name in ("k", "v")}
+        self.centres = {name: mx.zeros((1, kv_heads, 1, head_dim), dtype=mx.float32) for name in ("k", "v")}
 
     def write(self, start: int, k: mx.array, v: mx.array) -> None:
         end = start + k.shape[2]
         for name, x in (("k", k), ("v", v)):
-            for buffer, part in zip(self.parts[name], self.quantize(x)):
+            if start == 0:  # a new prompt: every row after it is stale
+                self.centres[name] = x.astype(mx.float32).mean(axis=2, keepdims=True)
+            for buffer, part in zip(self.parts[name], self.quantize(x.astype(mx.float32) - self.centres[name])):
                 buffer[:, :, start:end] = part
 
     def quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        groups = x.astype(mx.float32).reshape(*x.shape[:-1], -1, self.group_size)
+        groups = x.reshape(*x.shape[:-1], -1, self.group_size)
         low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
         levels = (1 << self.bits) - 1
         scales = (high - low) / levels
@@ -77,7 +81,7 @@ class QuantizedKVCache:
         values = mx.clip(mx.round((groups - low) / steps), 0, levels).astype(mx.uint8).reshape(x.shape)
         if self.bits == 4:  # two to a byte, the even position in the low nibble
             values = values[..., 0::2] | (values[..., 1::2] << 4)
-        return values, scales.squeeze(-1).astype(x.dtype), low.squeeze(-1).astype(x.dtype)
+        return values, scales.squeeze(-1), low.squeeze(-1)
 
     def rows(self, length: int) -> tuple[mx.array, mx.array]:
         """Keys and values of rows 0..length, decoded: [1, kv_heads, length, head_dim]."""
@@ -87,12 +91,12 @@ class QuantizedKVCache:
             if self.bits == 4:
                 values = mx.stack((values & 15, values >> 4), axis=-1).reshape(*values.shape[:-1], -1)
             groups = values.astype(mx.float32).reshape(*values.shape[:-1], -1, self.group_size)
-            x = groups * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
-            decoded.append(x.reshape(*values.shape[:-1], -1).astype(scales.dtype))
+            x = groups * scales[..., None] + biases[..., None]
+            decoded.append((x.reshape(*values.shape[:-1], -1) + self.centres[name]).astype(self.dtype))
         return decoded[0], decoded[1]
 
     def arrays(self) -> list[mx.array]:
-        return self.parts["k"] + self.parts["v"]
+        return self.parts["k"] + self.parts["v"] + list(self.centres.values())
 
 
 class Attention(nn.Module):
