@@ -127,8 +127,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
 
 def add_gamma_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gamma", type=int, default=None,
-                        help=f"draft tokens proposed per speculative round (1-{MAX_GAMMA}; default 4, and 1 on "
-                             "torch-cpu, where each token verified costs a share of a step)")
+                        help=f"draft tokens proposed per speculative round (1-{MAX_GAMMA}; default 4, and 2 on "
+                             "torch-cpu, where a draft step costs a large share of a target step)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict:

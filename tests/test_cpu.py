@@ -288,16 +288,16 @@ def test_grouped_attention_equals_sdpa_on_the_cpu():
     torch.testing.assert_close(grouped_attend(q[:, :1], k, v, None), want, atol=1e-5, rtol=1e-5)
 
 
-def test_speculation_on_the_cpu_defaults_to_one_draft_token(model_dirs, draft_dir):
-    """On the CPU a forward's cost grows with its tokens and a draft step is a large share of a
-    target step, so a round drafts one token unless the caller asks for more; other backends 4."""
+def test_speculation_on_the_cpu_defaults_to_two_draft_tokens(model_dirs, draft_dir):
+    """On the CPU a draft step is a large share of a target step, so a round drafts two tokens
+    unless the caller asks for another number; other backends 4."""
     from sts_edge import api
 
     engine = api.load(model_dirs["llama3"], draft_dir, backend="torch-cpu", max_seq_len=64)
-    assert engine.default_gamma == 1
+    assert engine.default_gamma == 2
     stats = GenerationStats()
     engine.generate(list(range(3, 20)), max_tokens=6, stats=stats)
-    assert stats.gamma == 1
+    assert stats.gamma == 2
     engine.generate(list(range(3, 20)), max_tokens=6, stats=stats, gamma=3)
     assert stats.gamma == 3
     engine.backend = "cuda"
