@@ -36,6 +36,7 @@
 #include <immintrin.h>
 
 #include "amx.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -48,6 +49,7 @@ namespace {
 
 using sts_edge_amx::cpu_has_amx;
 using sts_edge_amx::TileConfig;
+using sts_edge_simd::horizontal_sum;
 
 // Whether 4-bit products with int8 activations can run on the tile units here.
 bool amx_ready() {
@@ -70,13 +72,6 @@ at::Tensor permuted(const at::Tensor& x, int64_t bits) {
   const int64_t per_word = 32 / bits;
   const int64_t rows = x.size(0), inputs = x.size(1);
   return x.view({rows, inputs / (8 * per_word), 8, per_word}).transpose(2, 3).contiguous();
-}
-
-inline float horizontal_sum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  return _mm_cvtss_f32(sum);
 }
 
 // Each lane's scale (or bias) in chunk `chunk`: one group spans one or more chunks, except 4-bit

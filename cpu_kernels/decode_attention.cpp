@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include "amx.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -56,13 +57,6 @@ inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
 template <>
 inline __m256 load8<at::Half>(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-inline float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 inline float max8(__m256 v) {
@@ -227,7 +221,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& ca
         _mm256_storeu_ps(row + j, p);
         total = _mm256_add_ps(total, p);
       }
-      float sum = sum8(total);
+      float sum = sts_edge_simd::horizontal_sum(total);
       for (int64_t j = whole; j < length; ++j) {  // the tail one at a time, in order
         float tail[8] = {row[j] - max8(m)};
         _mm256_storeu_ps(tail, exp8(_mm256_loadu_ps(tail)));

@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("affine_matmul.cpp", "decode_attention.cpp")]
-HEADERS = [Path(__file__).with_name("amx.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("amx.h", "simd.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # -fopenmp: at::parallel_for runs on PyTorch's OpenMP pool
 _reason: str | None = None
 
@@ -52,7 +52,7 @@ def kernel():
     try:
         from torch.utils.cpp_extension import load
 
-        # PyTorch rebuilds when a source changes, not a header: the name carries the header's hash.
+        # PyTorch rebuilds when a source changes, not a header: the name carries the headers' hash.
         digest = hashlib.sha256(b"".join(header.read_bytes() for header in HEADERS)).hexdigest()[:10]
         load(name=f"sts_edge_cpu_{digest}", sources=[str(source) for source in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
