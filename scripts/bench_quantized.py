@@ -4,11 +4,12 @@
 
 Sections (--sections):
   matmul  y = x @ W^T for Llama-3.1-8B's shapes (inputs x outputs: 4096x6144 q/k/v, 4096x4096 o,
-          4096x28672 gate/up, 14336x4096 down, 4096x128256 LM head) at 1, 5, 9 and 16 rows: our
-          Triton int4 and int8 kernels (group 64; the default launch, and with --sweep the best of
-          a small sweep), bf16 `x @ w.t()`, and PyTorch's int4 kernel (`_weight_int4pack_mm`, what
-          gpt-fast and torchao use, and what the runtime picks for 4-bit layers where it reads
-          them), all in this run, ours checked against a float reference first;
+          4096x28672 gate/up, 14336x4096 down, 4096x128256 LM head) at 1, 5, 9 and 16 rows: the
+          tensor-core int4 kernel (triton_kernels/int4_matmul.py, what the runtime runs for 4-bit
+          layers with groups of 64 or 128), the general Triton int4 and int8 kernel (group 64; the
+          default launch, and with --sweep the best of a small sweep), bf16 `x @ w.t()`, and
+          PyTorch's int4 kernel (`_weight_int4pack_mm`, what gpt-fast and torchao use), all in this
+          run, ours checked against a float reference first;
   rounds  one decode step of the 8B-shaped target alone, and one speculative round (gamma 4, budget
           512) dense and STS, at 32K and 128K, with bf16 weights and with 4-bit weights (random,
           group 64, embeddings and LM head too), as bench_round.py times them (runtime and device);
@@ -31,6 +32,7 @@ import torch
 from sts_edge.backends.torch.quantized import QuantizedEmbedding, QuantizedLinear
 from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationPlan
 from sts_edge.sampling import GREEDY
+from sts_edge.triton_kernels.int4_matmul import Int4TensorCoreWeight, int4_matmul, reserve_workspace
 from sts_edge.triton_kernels.quantized_matmul import QuantizedWeight, dequantize, quantized_matmul
 
 from bench_kernels import copies_for, run_header, time_graph
@@ -46,6 +48,14 @@ def random_weight(inputs: int, outputs: int, bits: int, group: int = 64) -> Quan
     scales = torch.rand(inputs // group, outputs, device="cuda", dtype=torch.bfloat16) * 0.02
     biases = torch.randn(inputs // group, outputs, device="cuda", dtype=torch.bfloat16) * 0.02
     return QuantizedWeight(packed, scales, biases, bits, group)
+
+
+def tensor_core_int4(weight: QuantizedWeight) -> Int4TensorCoreWeight:
+    """The same random 4-bit weight in the tensor-core kernel's layout."""
+    layout = Int4TensorCoreWeight.from_mlx(weight.packed.t(), weight.scales.t(), weight.biases.t(), weight.group_size,
+                                           torch.bfloat16)
+    reserve_workspace(layout, layout.nibbles.device)
+    return layout
 
 
 def int4pack(inputs: int, outputs: int, group: int = 64):
@@ -71,6 +81,7 @@ def bench_matmul(rows_list: list[int], sweep: bool) -> list[dict]:
                    "int4": [random_weight(inputs, outputs, 4) for _ in range(copies)],
                    "int8": [random_weight(inputs, outputs, 8) for _ in range(copies_for(bf16_bytes // 2))]}
         packed4 = [int4pack(inputs, outputs) for _ in range(copies)]
+        tensor_core = [tensor_core_int4(w) for w in weights["int4"]]
         for rows in rows_list:
             x = torch.randn(rows, inputs, device="cuda", dtype=torch.bfloat16)
             sweep_here = sweep and rows <= 16  # 512 rows: a prefill chunk, the default launch only
@@ -79,6 +90,11 @@ def bench_matmul(rows_list: list[int], sweep: bool) -> list[dict]:
             if packed4[0] is not None:
                 row["torch_int4pack_us"] = time_graph([lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 64, p[1])
                                                        for p in packed4])
+            reference = x.float() @ dequantize(weights["int4"][0]).float().t()
+            got = int4_matmul(x, tensor_core[0]).float()
+            row["int4_tensor_core_error"] = float((got - reference).norm() / reference.norm())
+            row["int4_tensor_core_us"] = time_graph([lambda w=w: int4_matmul(x, w, check=False) for w in tensor_core])
+            row["int4_tensor_core_vs_bf16"] = row["bf16_us"] / row["int4_tensor_core_us"]
             for bits in ("int4", "int8"):
                 w0 = weights[bits][0]
                 reference = x.float() @ dequantize(w0).float().t()
@@ -97,12 +113,13 @@ def bench_matmul(rows_list: list[int], sweep: bool) -> list[dict]:
                             best = (us, setting)
                     row[f"{bits}_best_us"], row[f"{bits}_best_setting"] = best
                 row[f"{bits}_vs_bf16"] = row["bf16_us"] / min(row[f"{bits}_us"], row.get(f"{bits}_best_us", 1e9))
-            print(f"{name:>8} x{rows:<2}: bf16 {row['bf16_us']:7.1f} us, int4 {row['int4_us']:7.1f} "
+            print(f"{name:>8} x{rows:<2}: bf16 {row['bf16_us']:7.1f} us, int4 tensor cores {row['int4_tensor_core_us']:7.1f} "
+                  f"({row['int4_tensor_core_vs_bf16']:.2f}x, error {row['int4_tensor_core_error']:.1e}), int4 {row['int4_us']:7.1f} "
                   f"(best {row.get('int4_best_us', float('nan')):6.1f}, {row['int4_vs_bf16']:.2f}x), int8 {row['int8_us']:7.1f} "
                   f"(best {row.get('int8_best_us', float('nan')):6.1f}, {row['int8_vs_bf16']:.2f}x), torch int4 "
                   f"{row.get('torch_int4pack_us', float('nan')):6.1f} us", flush=True)
             out.append(row)
-        del weights, packed4
+        del weights, packed4, tensor_core
         torch.cuda.empty_cache()
     return out
 

@@ -169,13 +169,17 @@ def test_bad_quantization_requests_fail_before_writing(problem, make_model, mode
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors through Triton's interpreter; "
                     "on a GPU the model takes this path by itself")
 def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, monkeypatch, tmp_path):
-    """The model's GPU path, on the CPU under the interpreter: packed 4- and 8-bit weights through the
-    quantized kernel, attention through the verification kernels. Speculative greedy output (and
-    STS with a budget covering the context) equals the target stepping alone on the same path."""
+    """The model's GPU path, on the CPU under the interpreter: packed 4-bit weights (groups of 64)
+    through the tensor-core kernel, 8-bit ones through the general quantized kernel, attention
+    through the verification kernels. Speculative greedy output (and STS with a budget covering the
+    context) equals the target stepping alone on the same path."""
     import sts_edge.backends.torch.attention as attention
     import sts_edge.backends.torch.loader as loader
     import sts_edge.backends.torch.model as model
+    import sts_edge.backends.torch.quantized as quantized
     from sts_edge.backends.torch.quantized import QuantizedLinear
+    from sts_edge.triton_kernels.int4_matmul import Int4TensorCoreWeight
+    from sts_edge.triton_kernels.quantized_layout import QuantizedWeight
     from sts_edge.conversion import quantize_model
     from sts_edge.mask import MaskPolicy
     from sts_edge.quantization import Quantization
@@ -183,18 +187,58 @@ def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, m
     from sts_edge.speculative import generate_tokens
 
     monkeypatch.setattr(loader, "keeps_packed", lambda device, *args: True)
+    monkeypatch.setattr(quantized, "triton_layouts", lambda device: True)
     kernels = lambda device, dtype, n, head_dim: n <= 16  # noqa: E731
     monkeypatch.setattr(attention, "use_kernels", kernels)
     monkeypatch.setattr(model, "use_kernels", kernels)
     target_dir = quantize_model(make_model("llama3", head_dim=64, num_hidden_layers=3), tmp_path / "target",
-                                Quantization(4, 32), progress=False)
+                                Quantization(4, 64), progress=False)
     draft_dir = quantize_model(make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2), tmp_path / "draft",
                                Quantization(8, 64), progress=False)
     target = load_model(target_dir, "torch-cpu", max_seq_len=128, dtype="float16")
     draft = load_model(draft_dir, "torch-cpu", max_seq_len=128, dtype="float16")
     assert isinstance(target.model.layers[0].mlp.down_proj, QuantizedLinear)
+    assert isinstance(target.model.layers[0].mlp.down_proj.packed, Int4TensorCoreWeight)
+    assert isinstance(draft.model.layers[0].mlp.down_proj.packed, QuantizedWeight)
     prompt = np.random.default_rng(2).integers(3, 300, 40).tolist()
     alone = list(generate_tokens(target, prompt, GREEDY, 12))
     assert list(generate_tokens(target, prompt, GREEDY, 12, draft=draft, gamma=3)) == alone
     covering = MaskPolicy("sts", budget=128, sink=2, window=4)
     assert list(generate_tokens(target, prompt, GREEDY, 12, draft=draft, gamma=3, policy=covering)) == alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_4bit_model_on_gpu_decodes_as_its_decoded_twin(make_model, tmp_path, dtype):
+    """On a GPU, a 4-bit directory runs through the tensor-core kernel inside the CUDA graphs: a
+    layer's product matches its decoded weight's, and speculative greedy output and STS with a
+    covering budget equal the target's own greedy output."""
+    import torch
+
+    from sts_edge.conversion import quantize_model
+    from sts_edge.mask import MaskPolicy
+    from sts_edge.quantization import Quantization
+    from sts_edge.sampling import GREEDY
+    from sts_edge.speculative import generate_tokens
+    from sts_edge.triton_kernels.int4_matmul import Int4TensorCoreWeight
+
+    target_dir = quantize_model(make_model("llama3", head_dim=64, num_hidden_layers=3), tmp_path / "target",
+                                Quantization(4, 64), progress=False)
+    draft_dir = quantize_model(make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2), tmp_path / "draft",
+                               Quantization(4, 64), progress=False)
+    target = load_model(target_dir, "cuda", max_seq_len=256, dtype=dtype)
+    draft = load_model(draft_dir, "cuda", max_seq_len=256, dtype=dtype)
+    layer = target.model.layers[0]
+    assert isinstance(layer.mlp.down_proj.packed, Int4TensorCoreWeight)
+    prompt = np.random.default_rng(2).integers(3, 300, 40).tolist()
+    with torch.inference_mode():
+        down = layer.mlp.down_proj
+        decoded = down.packed.rows(torch.arange(down.outputs, device="cuda"), torch.float32)
+        x = torch.randn(5, down.inputs, device="cuda").to(getattr(torch, dtype))
+        want = (x.float() @ decoded.t())
+        assert float((down(x).float() - want).norm() / want.norm()) < 1e-2
+    alone = list(generate_tokens(target, prompt, GREEDY, 24))
+    assert list(generate_tokens(target, prompt, GREEDY, 24, draft=draft, gamma=4)) == alone
+    covering = MaskPolicy("sts", budget=256, sink=2, window=4)
+    assert list(generate_tokens(target, prompt, GREEDY, 24, draft=draft, gamma=4, policy=covering)) == alone

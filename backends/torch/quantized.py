@@ -4,8 +4,9 @@ The names of their tensors are the checkpoint's (`X.weight` packed, `X.scales`, 
 `X.bias` when the layer has one), so a quantized checkpoint loads with a plain state-dict
 assignment once `swap_in_quantized` has put these layers where the checkpoint has scales; `repack`
 then hands the same bytes to the kernel that multiplies with them: on the CPU our own
-(cpu_kernels/affine_matmul.cpp, the checkpoint's layout as it is), else PyTorch's int4 kernel where
-it reads the weight, else triton_kernels/quantized_matmul.py (GPU only). Nothing is decoded ahead of
+(cpu_kernels/affine_matmul.cpp, the checkpoint's layout as it is); on a GPU, 4-bit layers with
+groups of 64 or 128 go to triton_kernels/int4_matmul.py, other 4-bit ones to PyTorch's int4 kernel
+where it reads them, the rest to triton_kernels/quantized_matmul.py. Nothing is decoded ahead of
 the products.
 """
 
@@ -21,10 +22,26 @@ from torch import nn
 from sts_edge.cpu_kernels.extension import amx_ready as cpu_amx_ready, kernel as cpu_kernel
 from sts_edge.triton_kernels.quantized_layout import QuantizedWeight, dequantize
 
-try:  # the GPU's product; a CPU-only install has no Triton, and its packed layers use PyTorch's kernel
+try:  # the GPU's products; a CPU-only install has no Triton, and its packed layers use the CPU's kernels
+    from sts_edge.triton_kernels.int4_matmul import GROUP_SIZES as TENSOR_CORE_INT4_GROUPS
+    from sts_edge.triton_kernels.int4_matmul import Int4TensorCoreWeight, reserve_workspace
     from sts_edge.triton_kernels.quantized_matmul import quantized_matmul
 except ImportError:
-    quantized_matmul = None
+    quantized_matmul = Int4TensorCoreWeight = reserve_workspace = None
+    TENSOR_CORE_INT4_GROUPS = ()
+
+
+def triton_layouts(device: torch.device) -> bool:
+    """Whether packed layers on `device` take the Triton kernels' layouts (a GPU; tests run them on
+    the CPU through Triton's interpreter)."""
+    return device.type == "cuda"
+
+
+def tensor_core_int4_reads(bits: int, group_size: int, inputs: int, dtype: torch.dtype) -> bool:
+    """Whether triton_kernels/int4_matmul.py multiplies such a weight: 4 bits, groups of 64 or 128,
+    16-bit activations."""
+    return (bits == 4 and group_size in TENSOR_CORE_INT4_GROUPS and inputs % group_size == 0
+            and dtype in (torch.bfloat16, torch.float16))
 
 
 @dataclass(frozen=True)
@@ -171,8 +188,7 @@ def int4pack_available(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight stays quantized. It loads mlx-lm's tensors by their checkpoint
     names; `repack` then lays the same bytes out for the kernel that multiplies with them (see the
-    module docstring; on a GPU PyTorch's int4 kernel measures faster than our Triton one at decode
-    sizes: benchmarks/README.md)."""
+    module docstring)."""
 
     def __init__(self, inputs: int, outputs: int, bits: int, group_size: int, bias: bool):
         super().__init__()
@@ -181,21 +197,24 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", torch.empty(outputs, inputs // group_size))
         self.register_buffer("biases", torch.empty(outputs, inputs // group_size))
         self.bias = nn.Parameter(torch.empty(outputs)) if bias else None
-        self.packed: QuantizedWeight | Int4PackWeight | CpuAffineWeight | None = None
+        self.packed: QuantizedWeight | Int4TensorCoreWeight | Int4PackWeight | CpuAffineWeight | None = None
 
     def repack(self, dtype: torch.dtype) -> None:
         """Once, after loading: the kernel's layout replaces the checkpoint's (activations in `dtype`)."""
-        if self.weight.device.type == "cpu" and cpu_kernel_reads(self.bits, self.group_size, self.inputs):
+        device = self.weight.device
+        if not triton_layouts(device) and cpu_kernel_reads(self.bits, self.group_size, self.inputs):
             self.packed = CpuAffineWeight.for_products(self.weight, self.scales, self.biases, self.bits, self.group_size,
                                                        dtype == INT8_PRODUCTS)
-            self.weight = self.scales = self.biases = None
-            return
-        dtype = torch.bfloat16 if dtype == INT8_PRODUCTS else dtype  # PyTorch's kernel's nearest
-        if int4pack_readable(self.weight.device, self.bits, self.group_size, self.inputs, self.outputs, dtype):
-            # Straight from the checkpoint's layout: no transposed copy of a whole layer on the way.
-            self.packed = Int4PackWeight.from_mlx(self.weight, self.scales, self.biases, self.group_size, dtype)
+        elif triton_layouts(device) and tensor_core_int4_reads(self.bits, self.group_size, self.inputs, dtype):
+            self.packed = Int4TensorCoreWeight.from_mlx(self.weight, self.scales, self.biases, self.group_size, dtype)
+            reserve_workspace(self.packed, device)
         else:
-            self.packed = QuantizedWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size)
+            dtype = torch.bfloat16 if dtype == INT8_PRODUCTS else dtype  # PyTorch's kernel's nearest
+            if int4pack_readable(device, self.bits, self.group_size, self.inputs, self.outputs, dtype):
+                # Straight from the checkpoint's layout: no transposed copy of a whole layer on the way.
+                self.packed = Int4PackWeight.from_mlx(self.weight, self.scales, self.biases, self.group_size, dtype)
+            else:
+                self.packed = QuantizedWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size)
         self.weight = self.scales = self.biases = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,31 +235,38 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("weight", torch.empty(rows, dim * bits // 32, dtype=torch.int32))
         self.register_buffer("scales", torch.empty(rows, dim // group_size))
         self.register_buffer("biases", torch.empty(rows, dim // group_size))
-        self.packed: QuantizedWeight | CpuAffineWeight | None = None
-        self.head: Int4PackWeight | CpuAffineWeight | None = None
+        self.packed: QuantizedWeight | Int4TensorCoreWeight | CpuAffineWeight | None = None
+        self.head: Int4PackWeight | Int4TensorCoreWeight | CpuAffineWeight | None = None
         self.dtype: torch.dtype | None = None
 
     def repack(self, dtype: torch.dtype, as_head: bool = False, products: torch.dtype | None = None) -> None:
         """Once, after loading: rows are looked up in `dtype`; as the LM head (`as_head`) the table
         multiplies in `products` (default: `dtype`)."""
         self.dtype, products = dtype, products or dtype
-        if self.weight.device.type == "cpu" and cpu_kernel_reads(self.bits, self.group_size, self.dim):
+        device = self.weight.device
+        if not triton_layouts(device) and cpu_kernel_reads(self.bits, self.group_size, self.dim):
             # The checkpoint's layout serves both the lookups and, tied, the LM head's product.
             self.packed = CpuAffineWeight(self.weight, self.scales, self.biases, self.bits, self.group_size)
             self.head = CpuAffineWeight.for_products(self.weight, self.scales, self.biases, self.bits, self.group_size,
                                                      products == INT8_PRODUCTS) if as_head else None
-            self.weight = self.scales = self.biases = None
-            return
-        products = torch.bfloat16 if products == INT8_PRODUCTS else products
-        self.packed = QuantizedWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size)
+        elif triton_layouts(device) and tensor_core_int4_reads(self.bits, self.group_size, self.dim, products):
+            # One layout for both: rows decode from it as they are looked up.
+            self.packed = Int4TensorCoreWeight.from_mlx(self.weight, self.scales, self.biases, self.group_size, products)
+            self.head = self.packed if as_head else None
+            if as_head:
+                reserve_workspace(self.packed, device)
+        else:
+            products = torch.bfloat16 if products == INT8_PRODUCTS else products
+            self.packed = QuantizedWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size)
+            # As the LM head (tied embeddings), PyTorch's int4 kernel where it reads the table: a
+            # second, int4 copy of it (its layout cannot be looked up by row), which an untied model
+            # never holds.
+            if as_head and int4pack_available(self.packed, products):
+                self.head = Int4PackWeight.from_quantized(self.packed, products)
         self.weight = self.scales = self.biases = None
-        # As the LM head (tied embeddings), PyTorch's int4 kernel where it reads the table: a second,
-        # int4 copy of it (its layout cannot be looked up by row), which an untied model never holds.
-        if as_head and int4pack_available(self.packed, products):
-            self.head = Int4PackWeight.from_quantized(self.packed, products)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.packed, CpuAffineWeight):
+        if not isinstance(self.packed, QuantizedWeight):
             return self.packed.rows(ids, self.dtype)
         return dequantize(self.packed, rows=ids, dtype=self.dtype)
 
@@ -283,6 +309,9 @@ def fuse_quantized(*layers: QuantizedLinear) -> QuantizedLinear | None:
         if isinstance(first.packed, CpuAffineWeight):  # the checkpoint's layout: outputs lead everywhere
             fused.packed = dataclasses.replace(first.packed, **{name: torch.cat([getattr(layer.packed, name) for layer in layers])
                                                                 for name in ("words", "scales", "biases")})
+        elif Int4TensorCoreWeight is not None and isinstance(first.packed, Int4TensorCoreWeight):
+            fused.packed = Int4TensorCoreWeight.concatenate([layer.packed for layer in layers])
+            reserve_workspace(fused.packed, fused.packed.nibbles.device)  # the stacked shape's launch
         elif isinstance(first.packed, Int4PackWeight):  # the layout's outputs lead, its scales [groups, outputs, 2]
             fused.packed = Int4PackWeight(torch.cat([layer.packed.packed for layer in layers]),
                                           torch.cat([layer.packed.scales_and_zeros for layer in layers], dim=1),

@@ -19,8 +19,9 @@ last to arrive (atomic counter per tile, reset by it) sums them and writes bf16:
     DISABLE_MMA_V3=1 python benchmarks/lab/int4_inline_asm.py --bench --out results.json   # on the GPU
 
 DISABLE_MMA_V3=1 makes Triton use mma.sync instead of Hopper's wgmma, after which it waited for every
-product; it is a process-wide setting, one reason this is not the runtime's kernel (the others, and
-the measurements, are in benchmarks/README.md, "Quantized matrix products").
+product; it is a process-wide setting, so the runtime's version of this kernel
+(triton_kernels/int4_matmul.py) gets mma.sync from two-warp programs instead (measurements in
+benchmarks/README.md, "Quantized matrix products").
 """
 
 from __future__ import annotations
