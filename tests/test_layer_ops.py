@@ -101,6 +101,41 @@ def test_rope_and_cache_matches_reference(heads, kv_heads, head_dim, n, qk_norm,
         assert (cache[:, :start] == sentinel).all() and (cache[:, start + n :] == sentinel).all()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("head_dim, group_size, device_start", [(64, 64, False), (128, 64, True)])
+def test_rope_and_cache_quantizes_into_a_drafts_cache(bits, head_dim, group_size, device_start):
+    """Into a quantized cache (a draft's), the rows written are quantize_rows of the rotated k and
+    of v less the cache's centres (the numpy rule in backends/torch/quantized_kv.py), rows outside
+    the block untouched; q as into a 16-bit cache."""
+    from sts_edge.backends.torch.quantized_kv import QuantizedKVCache, quantize_rows
+
+    heads, kv_heads, n, start, capacity, dtype = 4, 2, 3, 20, 40, torch.bfloat16
+    qkv = randn(n, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=bits) * 3
+    cos, sin = rotary_tables(capacity, head_dim, dtype)
+    cache = QuantizedKVCache(kv_heads, capacity, head_dim, bits, dtype, torch.device(DEVICE), group_size)
+    for name in ("k", "v"):
+        getattr(cache, f"{name}_centres").copy_(randn(kv_heads, head_dim, dtype=torch.float32, seed=9))
+        getattr(cache, f"{name}_values").fill_(77)
+    plain_k = torch.zeros(kv_heads, capacity, head_dim, dtype=dtype, device=DEVICE)
+    plain_v = plain_k.clone()
+    at = torch.tensor([start], dtype=torch.int32, device=DEVICE) if device_start else start
+    want_q = rope_and_cache(qkv, cos, sin, plain_k, plain_v, at, heads)
+    q = rope_and_cache(qkv, cos, sin, *cache.kernel_rows(), at, heads)
+    assert torch.equal(q, want_q)
+    rows = slice(start, start + n)
+    for name, plain in (("k", plain_k), ("v", plain_v)):
+        centres = getattr(cache, f"{name}_centres")
+        values, scales, biases = quantize_rows(plain[:, rows], bits, group_size, centres[:, None])
+        got = getattr(cache, f"{name}_values")[:, rows]
+        if bits == 4:  # compare nibbles: a rounding tie may land one step apart
+            got, values = (torch.stack((t & 15, t >> 4), -1) for t in (got, values))
+        assert (got.int() - values.int()).abs().max() <= 1 and (got != values).float().mean() < 0.02
+        torch.testing.assert_close(getattr(cache, f"{name}_scales")[:, rows], scales, rtol=1e-6, atol=0)
+        torch.testing.assert_close(getattr(cache, f"{name}_biases")[:, rows], biases, rtol=1e-6, atol=0)
+        assert (getattr(cache, f"{name}_values")[:, :start] == 77).all()
+        assert (getattr(cache, f"{name}_values")[:, start + n :] == 77).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, inter", [(1, 64), (3, 1500)])
 def test_silu_mul_matches_reference(rows, inter, dtype):

@@ -171,7 +171,8 @@ def test_bad_quantization_requests_fail_before_writing(problem, make_model, mode
 def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, monkeypatch, tmp_path):
     """The model's GPU path, on the CPU under the interpreter: packed 4-bit weights (groups of 64)
     through the tensor-core kernel, 8-bit ones through the general quantized kernel, attention
-    through the verification kernels. Speculative greedy output (and STS with a budget covering the
+    through the verification kernels, the draft's cache in 4 bits (written by rope_and_cache, read
+    by products with its codes). Speculative greedy output (and STS with a budget covering the
     context) equals the target stepping alone on the same path."""
     import sts_edge.backends.torch.attention as attention
     import sts_edge.backends.torch.loader as loader
@@ -196,7 +197,7 @@ def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, m
     draft_dir = quantize_model(make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2), tmp_path / "draft",
                                Quantization(8, 64), progress=False)
     target = load_model(target_dir, "torch-cpu", max_seq_len=128, dtype="float16")
-    draft = load_model(draft_dir, "torch-cpu", max_seq_len=128, dtype="float16")
+    draft = load_model(draft_dir, "torch-cpu", max_seq_len=128, dtype="float16", kv_bits=4)
     assert isinstance(target.model.layers[0].mlp.down_proj, QuantizedLinear)
     assert isinstance(target.model.layers[0].mlp.down_proj.packed, Int4TensorCoreWeight)
     assert isinstance(draft.model.layers[0].mlp.down_proj.packed, QuantizedWeight)

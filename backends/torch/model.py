@@ -101,11 +101,15 @@ class Attention(nn.Module):
         of those positions, or with `kernels` the whole tables (the kernel indexes them)."""
         n = x.shape[0]
         quantized_cache = isinstance(self.cache, QuantizedKVCache)
-        if kernels and not quantized_cache:  # one matrix product for q, k, v; one kernel for the norms, rotation, cache write
+        # One matrix product for q, k, v; one kernel for the norms, rotation, cache write. A quantized
+        # cache's first write (row 0, a host int) sets its centres: that one goes the plain way.
+        first_write = not isinstance(start, torch.Tensor) and start == 0
+        if kernels and (not quantized_cache or (self.cache.kernel_writes() and not first_write)):
             norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps) \
                 if hasattr(self, "q_norm") else {}
             qkv = self.qkv(x)
-            q = rope_and_cache(qkv, cos, sin, self.cache.k, self.cache.v, start, self.n_heads, **norms)
+            cache_k, cache_v = self.cache.kernel_rows() if quantized_cache else (self.cache.k, self.cache.v)
+            q = rope_and_cache(qkv, cos, sin, cache_k, cache_v, start, self.n_heads, **norms)
         else:
             q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
                                          self.n_kv_heads * self.head_dim], dim=-1)

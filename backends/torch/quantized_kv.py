@@ -110,6 +110,12 @@ class QuantizedKVCache(nn.Module):
                                      getattr(self, f"{name}_centres")[:, None], self.dtype)
                      for name in ("k", "v"))
 
+    def kernel_writes(self) -> bool:
+        """Whether layer_ops.rope_and_cache can write rows into this cache (after its centres are set)."""
+        from sts_edge.triton_kernels.layer_ops import writes_quantized_rows
+
+        return writes_quantized_rows(self.kernel_rows()[0], self.k_values.shape[2] * 8 // self.bits)
+
     def kernel_rows(self):
         """Keys and values as the Triton kernels read them (QuantizedRows): decoded as loaded."""
         from sts_edge.triton_kernels.verify_attention import QuantizedRows
