@@ -47,7 +47,7 @@ SLAB_WEIGHTS = 1 << 24  # weights decoded at a time for a prefill-sized product 
 
 @dataclass(frozen=True)
 class Int4TensorCoreWeight:
-    """A 4-bit weight in this kernel's layout (module docstring), with the launch chosen for its shape."""
+    """A 4-bit weight in this kernel's layout (module docstring)."""
 
     nibbles: torch.Tensor  # int16 [inputs / 64, outputs, 16]
     scale_bias: torch.Tensor  # int32 [inputs / group_size, outputs]
