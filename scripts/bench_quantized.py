@@ -5,11 +5,12 @@
 Sections (--sections):
   matmul  y = x @ W^T for Llama-3.1-8B's shapes (inputs x outputs: 4096x6144 q/k/v, 4096x4096 o,
           4096x28672 gate/up, 14336x4096 down, 4096x128256 LM head) at 1, 5, 9 and 16 rows: the
-          tensor-core int4 kernel (triton_kernels/int4_matmul.py, what the runtime runs for 4-bit
-          layers with groups of 64 or 128), the general Triton int4 and int8 kernel (group 64; the
-          default launch, and with --sweep the best of a small sweep), bf16 `x @ w.t()`, and
-          PyTorch's int4 kernel (`_weight_int4pack_mm`, what gpt-fast and torchao use), all in this
-          run, ours checked against a float reference first;
+          tensor-core int4 and int8 kernel (triton_kernels/tensor_core_matmul.py, what the runtime
+          runs for 4- and 8-bit layers with groups of 64 or 128), with --general the general
+          Triton int4 and int8 kernel (triton_kernels/quantized_matmul.py; the default launch, and
+          with --sweep the best of a small sweep), bf16 `x @ w.t()`, and PyTorch's int4 kernel
+          (`_weight_int4pack_mm`, what gpt-fast and torchao use), all in this run, group 64, ours
+          checked against a float reference first;
   rounds  one decode step of the 8B-shaped target alone, and one speculative round (gamma 4, budget
           512) dense and STS, at 32K and 128K, with bf16 weights and with 4-bit weights (random,
           group 64, embeddings and LM head too), as bench_round.py times them (runtime and device);
@@ -32,8 +33,8 @@ import torch
 from sts_edge.backends.torch.quantized import QuantizedEmbedding, QuantizedLinear
 from sts_edge.mask import LayerHeadMap, MaskPolicy, VerificationPlan
 from sts_edge.sampling import GREEDY
-from sts_edge.triton_kernels.int4_matmul import Int4TensorCoreWeight, int4_matmul, reserve_workspace
 from sts_edge.triton_kernels.quantized_matmul import QuantizedWeight, dequantize, quantized_matmul
+from sts_edge.triton_kernels.tensor_core_matmul import TensorCoreWeight, reserve_workspace, tensor_core_matmul
 
 from bench_kernels import copies_for, run_header, time_graph
 from bench_round import LLAMA_1B, LLAMA_8B, graph_ms, graphed_round, one_round, random_model, timed
@@ -50,10 +51,10 @@ def random_weight(inputs: int, outputs: int, bits: int, group: int = 64) -> Quan
     return QuantizedWeight(packed, scales, biases, bits, group)
 
 
-def tensor_core_int4(weight: QuantizedWeight) -> Int4TensorCoreWeight:
-    """The same random 4-bit weight in the tensor-core kernel's layout."""
-    layout = Int4TensorCoreWeight.from_mlx(weight.packed.t(), weight.scales.t(), weight.biases.t(), weight.group_size,
-                                           torch.bfloat16)
+def tensor_core_layout(weight: QuantizedWeight) -> TensorCoreWeight:
+    """The same random weight in the tensor-core kernel's layout."""
+    layout = TensorCoreWeight.from_mlx(weight.packed.t(), weight.scales.t(), weight.biases.t(), weight.bits,
+                                       weight.group_size, torch.bfloat16)
     reserve_workspace(layout, layout.nibbles.device)
     return layout
 
@@ -71,7 +72,7 @@ def int4pack(inputs: int, outputs: int, group: int = 64):
         return None
 
 
-def bench_matmul(rows_list: list[int], sweep: bool) -> list[dict]:
+def bench_matmul(rows_list: list[int], sweep: bool, general: bool) -> list[dict]:
     out = []
     for name, (inputs, outputs) in SHAPES.items():
         bf16_bytes = inputs * outputs * 2
@@ -81,7 +82,7 @@ def bench_matmul(rows_list: list[int], sweep: bool) -> list[dict]:
                    "int4": [random_weight(inputs, outputs, 4) for _ in range(copies)],
                    "int8": [random_weight(inputs, outputs, 8) for _ in range(copies_for(bf16_bytes // 2))]}
         packed4 = [int4pack(inputs, outputs) for _ in range(copies)]
-        tensor_core = [tensor_core_int4(w) for w in weights["int4"]]
+        tensor_core = {bits: [tensor_core_layout(w) for w in weights[bits]] for bits in ("int4", "int8")}
         for rows in rows_list:
             x = torch.randn(rows, inputs, device="cuda", dtype=torch.bfloat16)
             sweep_here = sweep and rows <= 16  # 512 rows: a prefill chunk, the default launch only
@@ -90,12 +91,14 @@ def bench_matmul(rows_list: list[int], sweep: bool) -> list[dict]:
             if packed4[0] is not None:
                 row["torch_int4pack_us"] = time_graph([lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 64, p[1])
                                                        for p in packed4])
-            reference = x.float() @ dequantize(weights["int4"][0]).float().t()
-            got = int4_matmul(x, tensor_core[0]).float()
-            row["int4_tensor_core_error"] = float((got - reference).norm() / reference.norm())
-            row["int4_tensor_core_us"] = time_graph([lambda w=w: int4_matmul(x, w, check=False) for w in tensor_core])
-            row["int4_tensor_core_vs_bf16"] = row["bf16_us"] / row["int4_tensor_core_us"]
             for bits in ("int4", "int8"):
+                reference = x.float() @ dequantize(weights[bits][0]).float().t()
+                got = tensor_core_matmul(x, tensor_core[bits][0]).float()
+                row[f"{bits}_tensor_core_error"] = float((got - reference).norm() / reference.norm())
+                row[f"{bits}_tensor_core_us"] = time_graph([lambda w=w: tensor_core_matmul(x, w, check=False)
+                                                            for w in tensor_core[bits]])
+                row[f"{bits}_tensor_core_vs_bf16"] = row["bf16_us"] / row[f"{bits}_tensor_core_us"]
+            for bits in ("int4", "int8") if general else ():
                 w0 = weights[bits][0]
                 reference = x.float() @ dequantize(w0).float().t()
                 got = quantized_matmul(x, w0).float()
@@ -113,11 +116,11 @@ def bench_matmul(rows_list: list[int], sweep: bool) -> list[dict]:
                             best = (us, setting)
                     row[f"{bits}_best_us"], row[f"{bits}_best_setting"] = best
                 row[f"{bits}_vs_bf16"] = row["bf16_us"] / min(row[f"{bits}_us"], row.get(f"{bits}_best_us", 1e9))
-            print(f"{name:>8} x{rows:<2}: bf16 {row['bf16_us']:7.1f} us, int4 tensor cores {row['int4_tensor_core_us']:7.1f} "
-                  f"({row['int4_tensor_core_vs_bf16']:.2f}x, error {row['int4_tensor_core_error']:.1e}), int4 {row['int4_us']:7.1f} "
-                  f"(best {row.get('int4_best_us', float('nan')):6.1f}, {row['int4_vs_bf16']:.2f}x), int8 {row['int8_us']:7.1f} "
-                  f"(best {row.get('int8_best_us', float('nan')):6.1f}, {row['int8_vs_bf16']:.2f}x), torch int4 "
-                  f"{row.get('torch_int4pack_us', float('nan')):6.1f} us", flush=True)
+            print(f"{name:>8} x{rows:<3}: bf16 {row['bf16_us']:7.1f} us, " + ", ".join(
+                f"{bits} tensor cores {row[f'{bits}_tensor_core_us']:7.1f} ({row[f'{bits}_tensor_core_vs_bf16']:.2f}x, "
+                f"error {row[f'{bits}_tensor_core_error']:.1e})" + (f", general {row[f'{bits}_us']:7.1f}" if general else "")
+                for bits in ("int4", "int8")) + f", torch int4 {row.get('torch_int4pack_us', float('nan')):6.1f} us",
+                flush=True)
             out.append(row)
         del weights, packed4, tensor_core
         torch.cuda.empty_cache()
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="matmul,rounds,memory")
     parser.add_argument("--rows", default="1,5,9,16,512")
-    parser.add_argument("--sweep", action="store_true", help="also time a sweep of launch settings per case")
+    parser.add_argument("--general", action="store_true", help="also time the general Triton kernel")
+    parser.add_argument("--sweep", action="store_true", help="with --general, also time a sweep of its launches")
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--out", help="JSON output (default: print only)")
     args = parser.parse_args(argv)
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sections = args.sections.split(",")
     if "matmul" in sections:
-        record["matmul"] = bench_matmul([int(r) for r in args.rows.split(",")], args.sweep)
+        record["matmul"] = bench_matmul([int(r) for r in args.rows.split(",")], args.sweep, args.general)
         save()
     if "memory" in sections:
         record["memory"] = bench_memory()

@@ -169,8 +169,8 @@ def test_bad_quantization_requests_fail_before_writing(problem, make_model, mode
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors through Triton's interpreter; "
                     "on a GPU the model takes this path by itself")
 def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, monkeypatch, tmp_path):
-    """The model's GPU path, on the CPU under the interpreter: packed 4-bit weights (groups of 64)
-    through the tensor-core kernel, 8-bit ones through the general quantized kernel, attention
+    """The model's GPU path, on the CPU under the interpreter: packed 4-bit (target) and 8-bit
+    (draft) weights with groups of 64 through the tensor-core kernel, attention
     through the verification kernels, the draft's cache in 4 bits (written by rope_and_cache, read
     by products with its codes). Speculative greedy output (and STS with a budget covering the
     context) equals the target stepping alone on the same path."""
@@ -179,8 +179,7 @@ def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, m
     import sts_edge.backends.torch.model as model
     import sts_edge.backends.torch.quantized as quantized
     from sts_edge.backends.torch.quantized import QuantizedLinear
-    from sts_edge.triton_kernels.int4_matmul import Int4TensorCoreWeight
-    from sts_edge.triton_kernels.quantized_layout import QuantizedWeight
+    from sts_edge.triton_kernels.tensor_core_matmul import TensorCoreWeight
     from sts_edge.conversion import quantize_model
     from sts_edge.mask import MaskPolicy
     from sts_edge.quantization import Quantization
@@ -199,8 +198,9 @@ def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, m
     target = load_model(target_dir, "torch-cpu", max_seq_len=128, dtype="float16")
     draft = load_model(draft_dir, "torch-cpu", max_seq_len=128, dtype="float16", kv_bits=4)
     assert isinstance(target.model.layers[0].mlp.down_proj, QuantizedLinear)
-    assert isinstance(target.model.layers[0].mlp.down_proj.packed, Int4TensorCoreWeight)
-    assert isinstance(draft.model.layers[0].mlp.down_proj.packed, QuantizedWeight)
+    assert target.model.layers[0].mlp.down_proj.packed.bits == 4
+    assert isinstance(draft.model.layers[0].mlp.down_proj.packed, TensorCoreWeight)
+    assert draft.model.layers[0].mlp.down_proj.packed.bits == 8
     prompt = np.random.default_rng(2).integers(3, 300, 40).tolist()
     alone = list(generate_tokens(target, prompt, GREEDY, 12))
     assert list(generate_tokens(target, prompt, GREEDY, 12, draft=draft, gamma=3)) == alone
@@ -212,9 +212,9 @@ def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, m
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_4bit_model_on_gpu_decodes_as_its_decoded_twin(make_model, tmp_path, dtype):
-    """On a GPU, a 4-bit directory runs through the tensor-core kernel inside the CUDA graphs: a
-    layer's product matches its decoded weight's, and speculative greedy output and STS with a
-    covering budget equal the target's own greedy output."""
+    """On a GPU, a 4-bit directory (and its 8-bit draft) runs through the tensor-core kernel inside
+    the CUDA graphs: a layer's product matches its decoded weight's, and speculative greedy output
+    and STS with a covering budget equal the target's own greedy output."""
     import torch
 
     from sts_edge.conversion import quantize_model
@@ -222,23 +222,24 @@ def test_4bit_model_on_gpu_decodes_as_its_decoded_twin(make_model, tmp_path, dty
     from sts_edge.quantization import Quantization
     from sts_edge.sampling import GREEDY
     from sts_edge.speculative import generate_tokens
-    from sts_edge.triton_kernels.int4_matmul import Int4TensorCoreWeight
+    from sts_edge.triton_kernels.tensor_core_matmul import TensorCoreWeight
 
     target_dir = quantize_model(make_model("llama3", head_dim=64, num_hidden_layers=3), tmp_path / "target",
                                 Quantization(4, 64), progress=False)
     draft_dir = quantize_model(make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2), tmp_path / "draft",
-                               Quantization(4, 64), progress=False)
+                               Quantization(8, 64), progress=False)
     target = load_model(target_dir, "cuda", max_seq_len=256, dtype=dtype)
     draft = load_model(draft_dir, "cuda", max_seq_len=256, dtype=dtype)
     layer = target.model.layers[0]
-    assert isinstance(layer.mlp.down_proj.packed, Int4TensorCoreWeight)
+    assert isinstance(layer.mlp.down_proj.packed, TensorCoreWeight)
+    assert draft.model.layers[0].mlp.down_proj.packed.bits == 8
     prompt = np.random.default_rng(2).integers(3, 300, 40).tolist()
     with torch.inference_mode():
-        down = layer.mlp.down_proj
-        decoded = down.packed.rows(torch.arange(down.outputs, device="cuda"), torch.float32)
-        x = torch.randn(5, down.inputs, device="cuda").to(getattr(torch, dtype))
-        want = (x.float() @ decoded.t())
-        assert float((down(x).float() - want).norm() / want.norm()) < 1e-2
+        for down in (layer.mlp.down_proj, draft.model.layers[0].mlp.down_proj):
+            decoded = down.packed.rows(torch.arange(down.outputs, device="cuda"), torch.float32)
+            x = torch.randn(5, down.inputs, device="cuda").to(getattr(torch, dtype))
+            want = (x.float() @ decoded.t())
+            assert float((down(x).float() - want).norm() / want.norm()) < 1e-2
     alone = list(generate_tokens(target, prompt, GREEDY, 24))
     assert list(generate_tokens(target, prompt, GREEDY, 24, draft=draft, gamma=4)) == alone
     covering = MaskPolicy("sts", budget=256, sink=2, window=4)

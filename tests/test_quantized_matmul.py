@@ -114,95 +114,103 @@ def test_pytorch_int4_layout_decodes_mlx_weights_exactly(group_size):
         assert rel_error(layer(x), x.double().cpu().numpy() @ decoded.T) < TOLERANCE[torch.bfloat16]
 
 
-# --- 4-bit weights on tensor cores (triton_kernels/int4_matmul.py) --------------------------------
+# --- 4- and 8-bit weights on tensor cores (triton_kernels/tensor_core_matmul.py) --------------------
 
-from sts_edge.triton_kernels import int4_matmul as tensor_core  # noqa: E402
+from sts_edge.triton_kernels import tensor_core_matmul as tensor_core  # noqa: E402
 
 
-def make_int4(outputs: int, inputs: int, group_size: int, dtype: torch.dtype, seed: int):
-    """A 4-bit weight (numpy's quantizer, MLX's rule) in the tensor-core layout, and its float64 decoding."""
+def make_tensor_core(outputs: int, inputs: int, bits: int, group_size: int, dtype: torch.dtype, seed: int):
+    """A weight (numpy's quantizer, MLX's rule) in the tensor-core layout, and its float64 decoding."""
     rng = np.random.default_rng(seed)
     weight = rng.normal(size=(outputs, inputs)).astype(np.float32) * rng.uniform(0.2, 2, size=(outputs, 1)).astype(np.float32)
-    packed, scales, biases = quantize(weight, group_size, 4, "float16" if dtype == torch.float16 else "bfloat16")
-    decoded = dequantize(packed, scales, biases, group_size, 4).astype(np.float64)
+    packed, scales, biases = quantize(weight, group_size, bits, "float16" if dtype == torch.float16 else "bfloat16")
+    decoded = dequantize(packed, scales, biases, group_size, bits).astype(np.float64)
     as_tensor = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731
-    quantized = tensor_core.Int4TensorCoreWeight.from_mlx(as_tensor(packed.view(np.int32)), as_tensor(scales).to(dtype),
-                                                          as_tensor(biases).to(dtype), group_size, dtype)
+    quantized = tensor_core.TensorCoreWeight.from_mlx(as_tensor(packed.view(np.int32)), as_tensor(scales).to(dtype),
+                                                      as_tensor(biases).to(dtype), bits, group_size, dtype)
     return quantized, decoded
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [64, 128])
 @pytest.mark.parametrize("rows", [1, 3, 5, 9, 16])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_tensor_core_int4_matches_decode_then_multiply(group_size, rows, dtype):
+def test_tensor_core_matches_decode_then_multiply(bits, group_size, rows, dtype):
     dtype = DTYPES[dtype]
     outputs, inputs = 79, 1024  # odd outputs: a ragged last tile; 16 blocks of 64 inputs, split in two
-    assert tensor_core.launch_for(inputs, outputs).splits > 1
-    weight, decoded = make_int4(outputs, inputs, group_size, dtype, seed=group_size + rows)
+    assert tensor_core.launch_for(inputs, outputs, bits).splits > 1
+    weight, decoded = make_tensor_core(outputs, inputs, bits, group_size, dtype, seed=group_size + rows + bits)
+    assert weight.bits == bits
     x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)).to(dtype).to(DEVICE)
     want = x.double().cpu().numpy() @ decoded.T
     for _ in range(2):  # twice: the last program of each tile must have reset its arrival counter
-        out = tensor_core.int4_matmul(x, weight)
+        out = tensor_core.tensor_core_matmul(x, weight)
         assert out.shape == (rows, outputs) and out.dtype == dtype
         assert rel_error(out, want) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [2, 40])
-def test_tensor_core_int4_one_share_and_prefill_sized_blocks(rows, monkeypatch):
+def test_tensor_core_one_share_and_prefill_sized_blocks(bits, rows, monkeypatch):
     """One block of inputs: no split, the program writes the output itself. Over 16 rows the weight
     is decoded a slab of outputs at a time (three slabs here) and multiplied densely."""
     monkeypatch.setattr(tensor_core, "SLAB_WEIGHTS", 64 * 256)
-    weight, decoded = make_int4(600, 64, 64, torch.bfloat16, seed=rows)
-    assert tensor_core.launch_for(64, 600).splits == 1
+    weight, decoded = make_tensor_core(600, 64, bits, 64, torch.bfloat16, seed=rows)
+    assert tensor_core.launch_for(64, 600, bits).splits == 1
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(0)).bfloat16().to(DEVICE)
-    assert rel_error(tensor_core.int4_matmul(x, weight), x.double().cpu().numpy() @ decoded.T) < TOLERANCE[torch.bfloat16]
+    assert rel_error(tensor_core.tensor_core_matmul(x, weight), x.double().cpu().numpy() @ decoded.T) \
+        < TOLERANCE[torch.bfloat16]
 
 
-def test_tensor_core_int4_rows_stacking_and_planted_group():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tensor_core_rows_stacking_and_planted_group(bits):
     """Looked-up rows are the decoded rows; stacked weights multiply as their outputs side by side;
     with activations zero outside one group only that group's scale and bias count."""
-    first, decoded_first = make_int4(48, 256, 128, torch.float16, seed=1)
-    second, decoded_second = make_int4(80, 256, 128, torch.float16, seed=2)
+    first, decoded_first = make_tensor_core(48, 256, bits, 128, torch.float16, seed=1)
+    second, decoded_second = make_tensor_core(80, 256, bits, 128, torch.float16, seed=2)
     ids = torch.tensor([0, 47, 5, 5], device=DEVICE)
     np.testing.assert_allclose(first.rows(ids, torch.float32).double().cpu().numpy(), decoded_first[[0, 47, 5, 5]],
                                rtol=1e-6, atol=1e-6)
-    stacked = tensor_core.Int4TensorCoreWeight.concatenate([first, second])
+    stacked = tensor_core.TensorCoreWeight.concatenate([first, second])
     x = torch.zeros(2, 256, dtype=torch.float16, device=DEVICE)
     x[:, 128:256] = 1.0
-    out = tensor_core.int4_matmul(x, stacked).double().cpu().numpy()
+    out = tensor_core.tensor_core_matmul(x, stacked).double().cpu().numpy()
     want = np.concatenate([decoded_first, decoded_second])[:, 128:256].sum(axis=1)
     np.testing.assert_allclose(out[0], want, rtol=2e-3, atol=2e-2)
 
 
-def test_tensor_core_int4_bad_weights_and_inputs_raise_clear_errors():
+def test_tensor_core_bad_weights_and_inputs_raise_clear_errors():
     packed = torch.zeros(16, 128 // 8, dtype=torch.int32, device=DEVICE)
     scales = torch.ones(16, 4, dtype=torch.float16, device=DEVICE)
     with pytest.raises(KernelInputError, match="groups of"):
-        tensor_core.Int4TensorCoreWeight.from_mlx(packed, scales, scales, 32, torch.float16)
+        tensor_core.TensorCoreWeight.from_mlx(packed, scales, scales, 4, 32, torch.float16)
+    with pytest.raises(KernelInputError, match="bits"):
+        tensor_core.TensorCoreWeight.from_mlx(packed, scales, scales, 2, 64, torch.float16)
     with pytest.raises(KernelInputError, match="bf16 or fp16"):
-        tensor_core.Int4TensorCoreWeight.from_mlx(packed, scales[:, :2], scales[:, :2], 64, torch.float32)
-    weight = tensor_core.Int4TensorCoreWeight.from_mlx(packed, scales[:, :2], scales[:, :2], 64, torch.float16)
+        tensor_core.TensorCoreWeight.from_mlx(packed, scales[:, :2], scales[:, :2], 4, 64, torch.float32)
+    weight = tensor_core.TensorCoreWeight.from_mlx(packed, scales[:, :2], scales[:, :2], 4, 64, torch.float16)
     with pytest.raises(KernelInputError, match="x must be"):
-        tensor_core.int4_matmul(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEVICE), weight)
+        tensor_core.tensor_core_matmul(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEVICE), weight)
     with pytest.raises(KernelInputError, match="x must be"):
-        tensor_core.int4_matmul(torch.zeros(1, 64, dtype=torch.float16, device=DEVICE), weight)
+        tensor_core.tensor_core_matmul(torch.zeros(1, 64, dtype=torch.float16, device=DEVICE), weight)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="Triton")
-def test_a_4bit_layer_with_groups_of_64_takes_the_tensor_core_layout(monkeypatch):
-    """The GPU's choice of layout, made on the CPU: 4-bit layers with groups of 64 or 128 and 16-bit
-    activations multiply on tensor cores (and give the decoded weight's product), others do not."""
+def test_4_and_8_bit_layers_with_groups_of_64_take_the_tensor_core_layout(monkeypatch):
+    """The GPU's choice of layout, made on the CPU: 4- and 8-bit layers with groups of 64 or 128 and
+    16-bit activations multiply on tensor cores (and give the decoded weight's product), others do not."""
     import sts_edge.backends.torch.quantized as quantized
 
     monkeypatch.setattr(quantized, "triton_layouts", lambda device: True)
-    for group_size, dtype, expected in ((64, torch.bfloat16, True), (128, torch.float16, True),
-                                        (64, torch.float32, False)):
-        weight, decoded = make_weight(96, 256, 4, group_size, torch.float16, seed=group_size)
-        layer = quantized.QuantizedLinear(256, 96, 4, group_size, bias=False)
+    for bits, group_size, dtype, expected in ((4, 64, torch.bfloat16, True), (8, 128, torch.float16, True),
+                                              (8, 64, torch.bfloat16, True), (4, 64, torch.float32, False),
+                                              (8, 32, torch.bfloat16, False)):
+        weight, decoded = make_weight(96, 256, bits, group_size, torch.float16, seed=group_size)
+        layer = quantized.QuantizedLinear(256, 96, bits, group_size, bias=False)
         layer.weight = weight.packed.t().contiguous()
         layer.scales, layer.biases = weight.scales.t().contiguous(), weight.biases.t().contiguous()
         layer.repack(dtype)
-        assert isinstance(layer.packed, tensor_core.Int4TensorCoreWeight) == expected
+        assert isinstance(layer.packed, tensor_core.TensorCoreWeight) == expected
         if expected:
             x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to(dtype).to(DEVICE)
             assert rel_error(layer(x), x.double().cpu().numpy() @ decoded.T) < TOLERANCE[torch.bfloat16]

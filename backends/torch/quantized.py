@@ -4,10 +4,10 @@ The names of their tensors are the checkpoint's (`X.weight` packed, `X.scales`, 
 `X.bias` when the layer has one), so a quantized checkpoint loads with a plain state-dict
 assignment once `swap_in_quantized` has put these layers where the checkpoint has scales; `repack`
 then hands the same bytes to the kernel that multiplies with them: on the CPU our own
-(cpu_kernels/affine_matmul.cpp, the checkpoint's layout as it is); on a GPU, 4-bit layers with
-groups of 64 or 128 go to triton_kernels/int4_matmul.py, other 4-bit ones to PyTorch's int4 kernel
-where it reads them, the rest to triton_kernels/quantized_matmul.py. Nothing is decoded ahead of
-the products.
+(cpu_kernels/affine_matmul.cpp, the checkpoint's layout as it is); on a GPU, 4- and 8-bit layers
+with groups of 64 or 128 go to triton_kernels/tensor_core_matmul.py, other 4-bit ones to PyTorch's
+int4 kernel where it reads them, the rest to triton_kernels/quantized_matmul.py. Nothing is decoded
+ahead of the products.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from sts_edge.cpu_kernels.extension import amx_ready as cpu_amx_ready, kernel as
 from sts_edge.triton_kernels.quantized_layout import QuantizedWeight, dequantize
 
 try:  # the GPU's products; a CPU-only install has no Triton, and its packed layers use the CPU's kernels
-    from sts_edge.triton_kernels.int4_matmul import GROUP_SIZES as TENSOR_CORE_INT4_GROUPS
-    from sts_edge.triton_kernels.int4_matmul import Int4TensorCoreWeight, reserve_workspace
     from sts_edge.triton_kernels.quantized_matmul import quantized_matmul
+    from sts_edge.triton_kernels.tensor_core_matmul import BITS as TENSOR_CORE_BITS
+    from sts_edge.triton_kernels.tensor_core_matmul import GROUP_SIZES as TENSOR_CORE_GROUPS
+    from sts_edge.triton_kernels.tensor_core_matmul import TensorCoreWeight, reserve_workspace
 except ImportError:
-    quantized_matmul = Int4TensorCoreWeight = reserve_workspace = None
-    TENSOR_CORE_INT4_GROUPS = ()
+    quantized_matmul = TensorCoreWeight = reserve_workspace = None
+    TENSOR_CORE_BITS = TENSOR_CORE_GROUPS = ()
 
 
 def triton_layouts(device: torch.device) -> bool:
@@ -37,10 +38,10 @@ def triton_layouts(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def tensor_core_int4_reads(bits: int, group_size: int, inputs: int, dtype: torch.dtype) -> bool:
-    """Whether triton_kernels/int4_matmul.py multiplies such a weight: 4 bits, groups of 64 or 128,
-    16-bit activations."""
-    return (bits == 4 and group_size in TENSOR_CORE_INT4_GROUPS and inputs % group_size == 0
+def tensor_core_reads(bits: int, group_size: int, inputs: int, dtype: torch.dtype) -> bool:
+    """Whether triton_kernels/tensor_core_matmul.py multiplies such a weight: 4 or 8 bits, groups of
+    64 or 128, 16-bit activations."""
+    return (bits in TENSOR_CORE_BITS and group_size in TENSOR_CORE_GROUPS and inputs % group_size == 0
             and dtype in (torch.bfloat16, torch.float16))
 
 
@@ -197,7 +198,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", torch.empty(outputs, inputs // group_size))
         self.register_buffer("biases", torch.empty(outputs, inputs // group_size))
         self.bias = nn.Parameter(torch.empty(outputs)) if bias else None
-        self.packed: QuantizedWeight | Int4TensorCoreWeight | Int4PackWeight | CpuAffineWeight | None = None
+        self.packed: QuantizedWeight | TensorCoreWeight | Int4PackWeight | CpuAffineWeight | None = None
 
     def repack(self, dtype: torch.dtype) -> None:
         """Once, after loading: the kernel's layout replaces the checkpoint's (activations in `dtype`)."""
@@ -205,8 +206,9 @@ class QuantizedLinear(nn.Module):
         if not triton_layouts(device) and cpu_kernel_reads(self.bits, self.group_size, self.inputs):
             self.packed = CpuAffineWeight.for_products(self.weight, self.scales, self.biases, self.bits, self.group_size,
                                                        dtype == INT8_PRODUCTS)
-        elif triton_layouts(device) and tensor_core_int4_reads(self.bits, self.group_size, self.inputs, dtype):
-            self.packed = Int4TensorCoreWeight.from_mlx(self.weight, self.scales, self.biases, self.group_size, dtype)
+        elif triton_layouts(device) and tensor_core_reads(self.bits, self.group_size, self.inputs, dtype):
+            self.packed = TensorCoreWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size,
+                                                    dtype)
             reserve_workspace(self.packed, device)
         else:
             dtype = torch.bfloat16 if dtype == INT8_PRODUCTS else dtype  # PyTorch's kernel's nearest
@@ -235,8 +237,8 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("weight", torch.empty(rows, dim * bits // 32, dtype=torch.int32))
         self.register_buffer("scales", torch.empty(rows, dim // group_size))
         self.register_buffer("biases", torch.empty(rows, dim // group_size))
-        self.packed: QuantizedWeight | Int4TensorCoreWeight | CpuAffineWeight | None = None
-        self.head: Int4PackWeight | Int4TensorCoreWeight | CpuAffineWeight | None = None
+        self.packed: QuantizedWeight | TensorCoreWeight | CpuAffineWeight | None = None
+        self.head: Int4PackWeight | TensorCoreWeight | CpuAffineWeight | None = None
         self.dtype: torch.dtype | None = None
 
     def repack(self, dtype: torch.dtype, as_head: bool = False, products: torch.dtype | None = None) -> None:
@@ -249,9 +251,10 @@ class QuantizedEmbedding(nn.Module):
             self.packed = CpuAffineWeight(self.weight, self.scales, self.biases, self.bits, self.group_size)
             self.head = CpuAffineWeight.for_products(self.weight, self.scales, self.biases, self.bits, self.group_size,
                                                      products == INT8_PRODUCTS) if as_head else None
-        elif triton_layouts(device) and tensor_core_int4_reads(self.bits, self.group_size, self.dim, products):
+        elif triton_layouts(device) and tensor_core_reads(self.bits, self.group_size, self.dim, products):
             # One layout for both: rows decode from it as they are looked up.
-            self.packed = Int4TensorCoreWeight.from_mlx(self.weight, self.scales, self.biases, self.group_size, products)
+            self.packed = TensorCoreWeight.from_mlx(self.weight, self.scales, self.biases, self.bits, self.group_size,
+                                                    products)
             self.head = self.packed if as_head else None
             if as_head:
                 reserve_workspace(self.packed, device)
@@ -309,8 +312,8 @@ def fuse_quantized(*layers: QuantizedLinear) -> QuantizedLinear | None:
         if isinstance(first.packed, CpuAffineWeight):  # the checkpoint's layout: outputs lead everywhere
             fused.packed = dataclasses.replace(first.packed, **{name: torch.cat([getattr(layer.packed, name) for layer in layers])
                                                                 for name in ("words", "scales", "biases")})
-        elif Int4TensorCoreWeight is not None and isinstance(first.packed, Int4TensorCoreWeight):
-            fused.packed = Int4TensorCoreWeight.concatenate([layer.packed for layer in layers])
+        elif TensorCoreWeight is not None and isinstance(first.packed, TensorCoreWeight):
+            fused.packed = TensorCoreWeight.concatenate([layer.packed for layer in layers])
             reserve_workspace(fused.packed, fused.packed.nibbles.device)  # the stacked shape's launch
         elif isinstance(first.packed, Int4PackWeight):  # the layout's outputs lead, its scales [groups, outputs, 2]
             fused.packed = Int4PackWeight(torch.cat([layer.packed.packed for layer in layers]),

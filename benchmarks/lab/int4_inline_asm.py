@@ -20,7 +20,7 @@ last to arrive (atomic counter per tile, reset by it) sums them and writes bf16:
 
 DISABLE_MMA_V3=1 makes Triton use mma.sync instead of Hopper's wgmma, after which it waited for every
 product; it is a process-wide setting, so the runtime's version of this kernel
-(triton_kernels/int4_matmul.py) gets mma.sync from two-warp programs instead (measurements in
+(triton_kernels/tensor_core_matmul.py) gets mma.sync from two-warp programs instead (measurements in
 benchmarks/README.md, "Quantized matrix products").
 """
 
