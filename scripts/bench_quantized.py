@@ -12,7 +12,7 @@ Sections (--sections):
           (`_weight_int4pack_mm`, what gpt-fast and torchao use), all in this run, group 64, ours
           checked against a float reference first;
   rounds  one decode step of the 8B-shaped target alone, and one speculative round (gamma 4, budget
-          512) dense and STS, at 32K and 128K, with bf16 weights and with 4-bit weights (random,
+          512) dense and STS (also with sparse drafting), at 32K and 128K, with bf16 weights and with 4-bit weights (random,
           group 64, embeddings and LM head too), as bench_round.py times them (runtime and device);
   memory  peak GPU memory of the 4-bit 8B-shaped target with the 4-bit 1B-shaped draft and 32K caches
           through a round, against the same with bf16 weights.
@@ -154,8 +154,9 @@ def bench_rounds(contexts: list[int], rounds: int = 5) -> list[dict]:
     capacity = max(contexts) + 64
     for weights in ("bf16", "int4"):
         target, draft = models(capacity, 4 if weights == "int4" else None)
-        plan = VerificationPlan(MaskPolicy("sts", budget=512, sink=4, window=64),
-                                LayerHeadMap.proportional(target.config, draft.config, "kv"))
+        mapping = LayerHeadMap.proportional(target.config, draft.config, "kv")
+        plan = VerificationPlan(MaskPolicy("sts", budget=512, sink=4, window=64), mapping)
+        sparse_drafting = VerificationPlan(MaskPolicy("sts", budget=512, sink=4, window=64, drafting="sparse"), mapping)
         with torch.inference_mode():
             for context in contexts:
                 target.rollback(0)
@@ -171,7 +172,7 @@ def bench_rounds(contexts: list[int], rounds: int = 5) -> list[dict]:
                 out.append(step)
                 print(f"{weights} ctx {context:>6} target alone: {step['step_ms']:.2f} ms per token "
                       f"(device {step['device_step_ms']:.2f})", flush=True)
-                for method, sparse in (("dense speculative", None), ("sts", plan)):
+                for method, sparse in (("dense speculative", None), ("sts", plan), ("sts, sparse drafting", sparse_drafting)):
                     one_round(target, draft, context, 4, sparse)
                     runs = [one_round(target, draft, context, 4, sparse) for _ in range(rounds)]
                     runtime = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
@@ -180,7 +181,7 @@ def bench_rounds(contexts: list[int], rounds: int = 5) -> list[dict]:
                            "runtime": {**runtime, "round_ms": sum(runtime.values())},
                            "device": {**device, "round_ms": sum(device.values())}}
                     out.append(row)
-                    print(f"{weights} ctx {context:>6} {method:>17}: runtime {row['runtime']['round_ms']:.2f} ms, "
+                    print(f"{weights} ctx {context:>6} {method:>20}: runtime {row['runtime']['round_ms']:.2f} ms, "
                           f"device {row['device']['round_ms']:.2f} ms", flush=True)
         del target, draft
         torch.cuda.empty_cache()

@@ -3,7 +3,9 @@
     python scripts/bench_round.py --contexts 32768,131072
 
 Random weights (timing does not depend on them) and random KV caches filled to the context, so
-no checkpoint is needed. One round = gamma draft decode steps, then (STS only) top-B selection
+no checkpoint is needed. One round = gamma draft decode steps (with sparse drafting, --drafting
+sparse: the first reads the whole draft cache and scores it, the others the draft's own sets from
+those scores), then (STS only) top-B selection
 on the device, then one target verification pass over gamma + 1 tokens. Dense speculative
 decoding runs the same round with the dense verification kernel and no scores. Three timings:
   runtime: the models as sts_edge runs them (decode-sized forwards replay CUDA graphs), phases
@@ -98,7 +100,8 @@ def one_round(target: TorchModel, draft: TorchModel, context: int, gamma: int, p
     proposals = []
 
     def drafting():
-        proposals.append(draft.draft([first], gamma, GREEDY, rng, scores=score_spec(plan)))
+        proposals.append(draft.draft([first], gamma, GREEDY, rng, scores=score_spec(plan),
+                                     sparse_steps=plan.for_draft(draft.config) if plan else None))
 
     def verifying():  # selection runs inside (in the verification graph, or eagerly)
         proposal = proposals[-1]
@@ -134,12 +137,15 @@ def graphed_round(target: TorchModel, draft: TorchModel, context: int, gamma: in
     rng = np.random.default_rng(1)
     tokens = torch.tensor(rng.integers(0, target.config.vocab_size, gamma + 1), device="cuda")
     scores = draft._new_scores(score_spec(plan)) if plan else None
+    own = plan.for_draft(draft.config) if plan else None  # sparse drafting's plan for the later steps
 
     def drafting():
         if scores is not None:
             scores.buffer.zero_()
         for i in range(gamma):
-            draft.model(tokens[i : i + 1], context + i, False, Reads(scores=scores))
+            reads = Reads(scores=scores) if i == 0 or own is None else \
+                Reads(sets=LayerSets(own, context + i, draft.config.num_key_value_heads, scores.buffer))
+            draft.model(tokens[i : i + 1], context + i, False, reads)
 
     row = {"draft_ms": graph_ms(drafting)}
     sets = LayerSets(plan, context, target.config.num_key_value_heads, scores.buffer) if plan else None
@@ -159,13 +165,14 @@ def graphed_round(target: TorchModel, draft: TorchModel, context: int, gamma: in
 
 
 def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: int = 5,
-                modes: tuple[str, ...] = ("runtime", "eager", "device"), draft_kv_bits: tuple[int, ...] = (16,)) -> list[dict]:
+                modes: tuple[str, ...] = ("runtime", "eager", "device"), draft_kv_bits: tuple[int, ...] = (16,),
+                drafting: tuple[str, ...] = ("dense",)) -> list[dict]:
     capacity = max(contexts) + 64
     target = random_model(LLAMA_8B, capacity)
     rows = []
     for kv_bits in draft_kv_bits:
         draft = random_model(LLAMA_1B, capacity, kv_bits=kv_bits)
-        rows += _rounds(target, draft, contexts, gamma, budget, rounds, modes, kv_bits)
+        rows += _rounds(target, draft, contexts, gamma, budget, rounds, modes, kv_bits, drafting)
         del draft
         torch.cuda.empty_cache()
     # The comparison: each round against dense speculative decoding with the bf16 draft cache.
@@ -179,15 +186,17 @@ def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: 
 
 
 def _rounds(target: TorchModel, draft: TorchModel, contexts: list[int], gamma: int, budget: int, rounds: int,
-            modes: tuple[str, ...], kv_bits: int) -> list[dict]:
-    policy = MaskPolicy("sts", budget=budget, sink=4, window=64)
-    sparsity = VerificationPlan(policy, LayerHeadMap.proportional(target.config, draft.config, policy.granularity))
+            modes: tuple[str, ...], kv_bits: int, drafting: tuple[str, ...]) -> list[dict]:
+    mapping = LayerHeadMap.proportional(target.config, draft.config, "kv")
+    methods = [("dense speculative", None)] + [
+        ("sts" if how == "dense" else "sts, sparse drafting",
+         VerificationPlan(MaskPolicy("sts", budget=budget, sink=4, window=64, drafting=how), mapping)) for how in drafting]
     rows = []
     with torch.inference_mode():
         for context in contexts:
-            for name, sparse in (("dense speculative", None), ("sts", sparsity)):
+            for name, sparse in methods:
                 row = {"context": context, "method": name, "gamma": gamma, "budget": budget if sparse else None,
-                       "draft_kv_bits": kv_bits}
+                       "draft_kv_bits": kv_bits, "drafting": sparse.policy.drafting if sparse else "dense"}
                 graphs = target.graphs, draft.graphs
                 for mode in modes:
                     if mode == "device":
@@ -200,14 +209,15 @@ def _rounds(target: TorchModel, draft: TorchModel, contexts: list[int], gamma: i
                         phases = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                         target.graphs, draft.graphs = graphs
                     row[mode] = {**phases, "round_ms": sum(phases.values())}
-                    print(f"round ctx {context:>6} {name:>17} kv{kv_bits:<2} {mode:>8}: draft {phases['draft_ms']:6.2f} ms, "
+                    print(f"round ctx {context:>6} {name:>20} kv{kv_bits:<2} {mode:>8}: draft {phases['draft_ms']:6.2f} ms, "
                           f"select {phases['select_ms']:5.2f} ms, verify {phases['verify_ms']:6.2f} ms, "
                           f"round {row[mode]['round_ms']:6.2f} ms", flush=True)
                 rows.append(row)
-            dense, sts = rows[-2], rows[-1]
-            for mode in modes:
-                sts[mode]["round_speedup"] = dense[mode]["round_ms"] / sts[mode]["round_ms"]
-                sts[mode]["verify_speedup"] = dense[mode]["verify_ms"] / sts[mode]["verify_ms"]
+            dense = rows[-len(methods)]
+            for sts in rows[-len(methods) + 1 :]:
+                for mode in modes:
+                    sts[mode]["round_speedup"] = dense[mode]["round_ms"] / sts[mode]["round_ms"]
+                    sts[mode]["verify_speedup"] = dense[mode]["verify_ms"] / sts[mode]["verify_ms"]
     return rows
 
 
@@ -218,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--modes", default="runtime,eager,device", help="which timings (see above)")
     parser.add_argument("--draft-kv-bits", default="16", help="the draft cache's precisions, comma separated, of 16,8,4")
+    parser.add_argument("--drafting", default="dense", help="STS's drafting modes, comma separated, of dense,sparse")
     parser.add_argument("--out", help="JSON output (default: print only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_round.py needs a CUDA GPU", file=sys.stderr)
         return 1
     rows = bench_round([int(c) for c in args.contexts.split(",")], args.gamma, args.budget,
-                       modes=tuple(args.modes.split(",")), draft_kv_bits=tuple(int(b) for b in args.draft_kv_bits.split(",")))
+                       modes=tuple(args.modes.split(",")), draft_kv_bits=tuple(int(b) for b in args.draft_kv_bits.split(",")),
+                       drafting=tuple(args.drafting.split(",")))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**run_header(), "round": rows}, f, indent=1)

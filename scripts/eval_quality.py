@@ -15,7 +15,9 @@ and budget it reports:
 - top1 agreement and KL(dense || sparse) of the next-token distributions;
 - perplexity of the text's true next tokens under the sparse target;
 - acceptance: greedy acceptance of the draft's own predictions (teacher-forced: the leading run
-  of positions where the draft's argmax equals the sparse target's argmax, over gamma);
+  of positions where the draft's argmax equals the sparse target's argmax, over gamma); with
+  --drafting sparse the draft's steps after a block's first read its own sets (--draft-budget),
+  which changes its predictions and, since only the first step then scores, sts's sets;
 - sparsity: share of context rows the sparse passes skipped.
 
 Caveat: the context's KV cache comes from dense passes; in real STS generation, tokens verified
@@ -85,10 +87,12 @@ def budget_label(budget: float) -> str:
 
 def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: int, policies: list[MaskPolicy],
              progress: bool = True, labels: list[str] | None = None,
-             mappings: list[dict[str, LayerHeadMap] | None] | None = None) -> list[dict]:
+             mappings: list[dict[str, LayerHeadMap] | None] | None = None,
+             drafting: MaskPolicy | None = None) -> list[dict]:
     """Rows of metrics per policy. `labels` name the rows (default: the policy names); `mappings`
     give a policy its own layer/head maps by granularity (default: the engine's calibration, else
-    proportional), so calibrated and uncalibrated sts can be compared in one pass."""
+    proportional), so calibrated and uncalibrated sts can be compared in one pass. `drafting`: an
+    sts policy with drafting "sparse" whose sets the draft's later steps read (default: dense)."""
     target, draft = engine.target, engine.draft
     if context + eval_tokens + 1 > len(tokens):
         raise ValueError(f"the text has {len(tokens)} tokens; need context + eval tokens + 1 = {context + eval_tokens + 1}")
@@ -110,11 +114,14 @@ def evaluate(engine, tokens: list[int], context: int, eval_tokens: int, gamma: i
 
         starts = tqdm(starts, desc="evaluating", unit="block")
     layers = target.config.num_hidden_layers
+    draft_plan = VerificationPlan(drafting, LayerHeadMap.proportional(target.config, draft.config, "kv")).for_draft(
+        draft.config) if drafting is not None else None
     for p in starts:
         block, truth = tokens[p : p + block_len], np.array(tokens[p + 1 : p + block_len + 1])
         # Draft: catch up to the block and read it, teacher-forced, collecting scores as in a round.
         pending = tokens[draft.length : p + 1]
-        proposal = draft.draft(pending, gamma, GREEDY, None, scores=ScoreSpec("kv", "max"), forced=block[1:])
+        proposal = draft.draft(pending, gamma, GREEDY, None, scores=ScoreSpec("kv", "max"), forced=block[1:],
+                               sparse_steps=draft_plan)
         draft_choice = np.array(proposal.probs.argmax())
         draft_scores = {"kv": proposal.scores}
         if "query" in granularities:
@@ -232,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", default="auto", help="'auto', a file, or 'none'")
     parser.add_argument("--draft-kv-bits", type=int, default=16, choices=(16, 8, 4),
                         help="the draft's KV cache precision (its scores, and so the sts sets, come from it)")
+    parser.add_argument("--drafting", choices=("dense", "sparse"), default="dense",
+                        help="sparse: the draft's steps after a block's first read its own sets (the cheaper drafting pass)")
+    parser.add_argument("--draft-budget", type=int, default=512, help="with --drafting sparse, the draft's own sets' budget")
     parser.add_argument("--out", default="eval_quality.json", help="JSON output; the plot goes beside it as .png")
     args = parser.parse_args(argv)
 
@@ -252,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     granularities = args.granularity.split(",")
     policies = [MaskPolicy(n, budget=b, sink=args.sink, window=args.window, granularity=g)
                 for g in granularities for n in names for b in budgets if not (n == "dense" and g != granularities[0])]
-    results = evaluate(engine, tokens, args.context, args.eval_tokens, args.gamma, policies)
+    drafting = MaskPolicy("sts", budget=args.draft_budget, sink=args.sink, window=args.window, drafting="sparse") \
+        if args.drafting == "sparse" else None
+    results = evaluate(engine, tokens, args.context, args.eval_tokens, args.gamma, policies, drafting=drafting)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "model": args.model, "draft": args.draft, "text": Path(args.text).name,
         "context": args.context, "eval_tokens": args.eval_tokens, "gamma": args.gamma, "draft_kv_bits": args.draft_kv_bits,
+        "drafting": args.drafting, "draft_budget": args.draft_budget if drafting else None,
         "backend": engine.backend, "calibrated": bool(engine.calibration),
         "machine": platform.platform(), "versions": {p: version(p) for p in ("sts-edge", "numpy")},
         "results": results,

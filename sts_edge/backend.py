@@ -7,6 +7,8 @@ round, not for layers or logits:
     prefill(tokens)                          Distributions of the last position
     draft(pending, gamma, sampling, rng)     a Proposal: gamma tokens, the distributions they were
                                              drawn from, and for STS the round's attention scores
+                                             (with sparse drafting, the first step's; the later
+                                             steps read the draft's own sets chosen from them)
     verify(block, sampling, plan, scores)    Distributions at every position of the block; with a
                                              VerificationPlan each target layer reads only the sets
                                              the plan's policy selects, on the device
@@ -131,12 +133,14 @@ class CausalLM(Protocol):
         ...
 
     def draft(self, pending: Sequence[int], gamma: int, sampling: SamplingParams, rng: np.random.Generator, *,
-              vocab: int | None = None, scores: ScoreSpec | None = None,
-              forced: Sequence[int] | None = None) -> Proposal:
+              vocab: int | None = None, scores: ScoreSpec | None = None, forced: Sequence[int] | None = None,
+              sparse_steps: VerificationPlan | None = None) -> Proposal:
         """Run `pending` (the tokens the cache lacks), then propose `gamma` tokens, each drawn from
         the distribution after the one before (over the first `vocab` ids) and run in turn, but the
         last. With `scores`, the round's attention is folded into a fresh score buffer. `forced`
-        proposes the given tokens instead of drawing them (teacher forcing, for measurements)."""
+        proposes the given tokens instead of drawing them (teacher forcing, for measurements).
+        `sparse_steps` (with `scores`; VerificationPlan.for_draft): only the first step attends
+        densely and writes the scores; the others read the sets this plan selects from them."""
         ...
 
     def verify(self, block: Sequence[int], sampling: SamplingParams = GREEDY, plan: VerificationPlan | None = None,
@@ -201,17 +205,20 @@ class BackendModel:
         return self._distributions(logits, sampling, None)
 
     def draft(self, pending: Sequence[int], gamma: int, sampling: SamplingParams, rng: np.random.Generator, *,
-              vocab: int | None = None, scores: ScoreSpec | None = None,
-              forced: Sequence[int] | None = None) -> Proposal:
+              vocab: int | None = None, scores: ScoreSpec | None = None, forced: Sequence[int] | None = None,
+              sparse_steps: VerificationPlan | None = None) -> Proposal:
         if forced is not None and len(forced) != gamma:
             raise ValueError(f"forced proposals must be gamma = {gamma} tokens, got {len(forced)}")
+        if sparse_steps is not None and scores is None:
+            raise ValueError("sparse draft steps select from the round's first step's scores: pass scores")
         buffer = self._new_scores(scores) if scores is not None else None
         # Every draw of the round up front (as many as one by one), so that each token can be chosen
         # where its logits are, and the host waits once per round, for the tokens, not once per step.
         uniforms = [None] * gamma if sampling.greedy or forced is not None else rng.random(gamma).tolist()
         rows, chosen = [], []
         for i in range(gamma):
-            logits = self._step(pending, last_only=True, scores=buffer)
+            reads = dict(scores=buffer) if i == 0 or sparse_steps is None else dict(plan=sparse_steps, draft_scores=buffer)
+            logits = self._step(pending, last_only=True, **reads)
             rows.append(logits)
             pending = [int(forced[i])] if forced is not None else \
                 self._choose(logits[-1:, :vocab], sampling, uniforms[i])

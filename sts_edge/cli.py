@@ -6,7 +6,7 @@ import argparse
 
 from sts_edge.backend import BACKENDS, KV_BITS
 from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET
-from sts_edge.mask import AGGREGATIONS, GRANULARITIES, POLICIES, MaskPolicy, MaskPolicyError
+from sts_edge.mask import AGGREGATIONS, DRAFTING, GRANULARITIES, POLICIES, MaskPolicy, MaskPolicyError
 from sts_edge.sampling import SamplingParams
 from sts_edge.speculative import MAX_GAMMA, check_gamma
 
@@ -83,13 +83,18 @@ def add_policy_arguments(parser: argparse.ArgumentParser, default_policy: str = 
     group.add_argument("--dense-layers", type=parse_layers, default=(), help="target layers that always read everything, e.g. 0,1 or 0-2")
     group.add_argument("--granularity", choices=GRANULARITIES, default="kv", help="one set per KV head (shared by its query heads) or per query head")
     group.add_argument("--aggregation", choices=AGGREGATIONS, default="max", help="how the draft's scores combine over its queries and heads")
+    group.add_argument("--drafting", choices=DRAFTING, default=MaskPolicy.drafting,
+                       help="sts only. dense: every draft step reads the draft's whole KV cache; sparse: only a round's "
+                       "first does (and scores the context), the others read the draft's own sets picked from those "
+                       "scores: cheaper drafting at long context, possibly lower acceptance, same output")
     group.add_argument("--calibration", default="auto",
                        help="calibration file from python -m sts_edge.calibrate; 'auto' finds the pair's own, 'none' ignores it")
 
 
 def policy_from_args(args: argparse.Namespace) -> MaskPolicy:
     return MaskPolicy(args.policy, budget=args.budget, sink=args.sink, window=args.window,
-                      dense_layers=args.dense_layers, aggregation=args.aggregation, granularity=args.granularity)
+                      dense_layers=args.dense_layers, aggregation=args.aggregation, granularity=args.granularity,
+                      drafting=args.drafting)
 
 
 def calibration_from_args(args: argparse.Namespace) -> str | None:

@@ -13,12 +13,13 @@ unit (a KV head, or a query head at "query" granularity) reads a sorted, unique 
 score is, by policy: sts, the draft's attention (its running [layers, units, capacity] buffer,
 through the map); streaming, recency; oracle, the block's own dense attention mass; quest, a
 per-16-token-page upper bound of q.k from the page's key minima and maxima. `reference_sets` is
-the contract written out.
+the contract written out. With sparse drafting (`drafting`), a round's draft steps after its
+first read sets by the same contract, each draft layer and unit its own (`VerificationPlan.for_draft`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from sts_edge.config import ModelConfig
 POLICIES = ("dense", "sts", "oracle", "streaming", "quest")
 AGGREGATIONS = ("max", "sum")
 GRANULARITIES = ("kv", "query")  # one set per target KV head, or per target query head
+# How a round's draft steps read the draft's own cache (sts): every step densely, or only the
+# first (which writes the round's scores), the others the draft's own sets selected from them.
+DRAFTING = ("dense", "sparse")
 
 
 class MaskPolicyError(ValueError):
@@ -43,6 +47,7 @@ class MaskPolicy:
     aggregation: str = "max"  # over the draft's queries and the query heads of a group
     granularity: str = "kv"
     page_size: int = 16  # quest only
+    drafting: str = "dense"  # "sparse": the cheaper drafting pass (DRAFTING above); other policies ignore it
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -59,6 +64,8 @@ class MaskPolicy:
             raise MaskPolicyError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.page_size < 1:
             raise MaskPolicyError(f"page_size must be >= 1, got {self.page_size}")
+        if self.drafting not in DRAFTING:
+            raise MaskPolicyError(f"drafting must be one of {DRAFTING}, got {self.drafting!r}")
 
     def check_model(self, config: ModelConfig, capacity: int) -> None:
         """Settings that depend on the target model and its cache size."""
@@ -193,6 +200,14 @@ class VerificationPlan:
 
     def layer_is_dense(self, layer: int, context: int) -> bool:
         return self.policy.is_dense_at(context) or layer in self.policy.dense_layers
+
+    def for_draft(self, draft: ModelConfig) -> "VerificationPlan | None":
+        """With sparse drafting, the plan of the draft's own steps after a round's first: the same
+        sets by the same scores, each draft layer and unit reading its own; else None."""
+        if self.policy.name != "sts" or self.policy.drafting != "sparse":
+            return None
+        policy = replace(self.policy, dense_layers=())  # those name target layers
+        return VerificationPlan(policy, LayerHeadMap.proportional(draft, draft, policy.granularity))
 
 
 def attention_probabilities(q: np.ndarray, keys: np.ndarray, context: int) -> np.ndarray:

@@ -11,7 +11,9 @@ Speculative round (Leviathan et al. 2023, Chen et al. 2023):
   4. both KV caches roll back to the accepted length.
 
 With a mask policy (STS), step 1 also collects the draft's attention scores and step 2 reads, in
-each sparse target layer, only the context tokens the policy picks from them (sts.md).
+each sparse target layer, only the context tokens the policy picks from them (sts.md). With sparse
+drafting, only the draft's first step of a round reads its whole cache and collects the scores;
+its later steps read the draft's own sets, picked from those scores in the same way.
 
 Cache invariant between rounds: the target's cache holds every committed token but the last;
 the draft's cache holds a prefix of that (it lags by one more token after a fully accepted round),
@@ -47,6 +49,7 @@ class GenerationStats:
 
     gamma: int = 0  # draft tokens per round (0: the target decoded alone)
     policy: str = "dense"  # the verification policy asked for
+    drafting: str = "dense"  # how draft steps after a round's first read the draft's cache (mask.DRAFTING)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV the target reused from the previous call
     draft_cached_tokens: int = 0  # the same for the draft (it may hold less than the target)
@@ -115,6 +118,8 @@ class GenerationStats:
             parts.append(f"sparse verification ({self.policy}): {self.sparsity:.0%} of context rows skipped")
         elif self.policy != "dense" and self.rounds:
             parts.append(f"verification dense ({self.policy}: the context fits the token budget)")
+        if self.drafting == "sparse" and self.rounds:
+            parts.append("sparse drafting")
         if self.peak_memory_of:
             parts.append(f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_of})")
         if self.precision:
@@ -230,6 +235,7 @@ def generate_tokens(
             mapping = LayerHeadMap.proportional(target.config, draft.config, policy.granularity)
     plan = VerificationPlan(policy, mapping if policy is not None and policy.name == "sts" else None) \
         if policy is not None else None
+    draft_plan = plan.for_draft(draft.config) if plan is not None and draft is not None else None
     lookahead = gamma + 1
     models = (target, draft) if draft is not None else (target,)
     for model in models:
@@ -242,6 +248,7 @@ def generate_tokens(
     stats.gamma, stats.prompt_tokens, stats.cached_tokens = gamma, len(prompt), target.length
     stats.draft_cached_tokens = draft.length if draft is not None else 0
     stats.policy = policy.name if policy is not None else "dense"
+    stats.drafting = "sparse" if draft_plan is not None else "dense"
     stats.accepted_histogram = [0] * (gamma + 1)
     rng = params.rng()
     capacity = min(target.capacity, draft.capacity) if draft is not None else target.capacity
@@ -284,7 +291,7 @@ def generate_tokens(
             stats.target_seconds += time.perf_counter() - t0
             stats.target_tokens += 1
         else:
-            new_tokens = _speculative_round(target, draft, sequence, params, gamma, rng, stats, accept, plan)
+            new_tokens = _speculative_round(target, draft, sequence, params, gamma, rng, stats, accept, plan, draft_plan)
         stats.rounds += 1
         for token in new_tokens:
             sequence.append(token)
@@ -303,15 +310,18 @@ def _speculative_round(
     stats: GenerationStats,
     accept: Callable[..., tuple[int, int]],
     plan: VerificationPlan | None,
+    draft_plan: VerificationPlan | None = None,
 ) -> list[int]:
-    """One draft-then-verify round; returns the tokens it commits (1 to gamma + 1)."""
+    """One draft-then-verify round; returns the tokens it commits (1 to gamma + 1). `draft_plan`:
+    sparse drafting's plan for the draft's own steps after the first."""
     committed = len(sequence)
 
     t0 = time.perf_counter()
     collect = plan is not None and plan.needs_draft_scores(target.length)
     spec = ScoreSpec(plan.policy.granularity, plan.policy.aggregation) if collect else None
     # The draft's 1-2 catch-up tokens, then its own proposals, drawn over the vocabulary both share.
-    proposal = draft.draft(sequence[draft.length :], gamma, params, rng, vocab=_common_vocab(target, draft), scores=spec)
+    proposal = draft.draft(sequence[draft.length :], gamma, params, rng, vocab=_common_vocab(target, draft), scores=spec,
+                           sparse_steps=draft_plan if collect else None)
     t1 = time.perf_counter()
     target_probs = _verify(target, sequence[target.length :] + proposal.tokens, params, plan, proposal.scores, stats)
     accepted, next_token = accept(proposal.tokens, proposal.probs, target_probs, params, rng)

@@ -69,13 +69,16 @@ def always_accept(draft_tokens, draft_probs, target_probs, params, rng):
     return len(draft_tokens), sample(target_probs.row(len(draft_tokens)), rng)
 
 
-@pytest.mark.parametrize("rule", ["lossless", "broken"])
-def test_rejection_sampling_reproduces_the_target_distribution(rule):
+@pytest.mark.parametrize("rule, drafting", [("lossless", "dense"), ("broken", "dense"), ("lossless", "sparse")])
+def test_rejection_sampling_reproduces_the_target_distribution(rule, drafting):
     params = SamplingParams(temperature=1.0)
     prompt = [1, 5, 2, 7]
     exact = two_token_distribution(prompt, params)
     target, draft = NumpyModel(8, 32, seed=10, sharpness=1.0), NumpyModel(8, 32, seed=11, sharpness=1.0)
     options = {"accept": always_accept} if rule == "broken" else {}
+    if drafting == "sparse":  # the draft's later steps read 3 of its 4+ rows; the target reads all of them
+        options["policy"] = MaskPolicy("sts", budget=1, sink=1, window=1, dense_layers=(0,), drafting="sparse")
+        options["mapping"] = LayerHeadMap(np.array([0]), np.array([[0]]))
     counts, rng = np.zeros(64), np.random.default_rng(0)
     for _ in range(4000):
         seeded = SamplingParams(temperature=1.0, seed=int(rng.integers(2**63)))

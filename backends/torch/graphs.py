@@ -73,7 +73,9 @@ class DecodeGraphs:
         bound = self.bound(start, n)
         key = (n, all_logits, bound,
                None if scores is None else (scores.spec, scores.buffer.data_ptr()),
-               None if plan is None else (draft_scores.buffer.data_ptr(), tuple(draft_scores.buffer.shape), id(plan.mapping),
+               None if plan is None else (draft_scores.buffer.data_ptr(), tuple(draft_scores.buffer.shape),
+                                          # the map's content, not its identity: each generation builds its plan
+                                          plan.mapping.layer_map.tobytes(), plan.mapping.head_map.tobytes(),
                                           plan.policy.budget, plan.policy.sink, plan.policy.window,
                                           plan.policy.dense_layers))
         entry = self.captured.get(key)

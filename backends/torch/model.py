@@ -123,8 +123,11 @@ class Attention(nn.Module):
                 cos, sin = cos[positions], sin[positions]
             q = apply_rope(q.transpose(0, 1), cos, sin)
             self.cache.write(start, apply_rope(k.transpose(0, 1), cos, sin), v.transpose(0, 1))
-        if quantized_cache and kernels and reads.sets is None and reads.observer is None:
-            cache_k, cache_v = self.cache.kernel_rows()  # the kernels decode rows as they read them
+        # The kernels decode quantized rows as they read them, for dense reads and for sets of one
+        # list per KV head chosen without the keys (a sparse draft step's).
+        kernel_reads = reads.sets is None or (not reads.sets.reads_keys and reads.sets.plan.policy.granularity == "kv")
+        if quantized_cache and kernels and kernel_reads and reads.observer is None:
+            cache_k, cache_v = self.cache.kernel_rows()
         elif quantized_cache:  # the live rows decoded (a CUDA graph's: up to its bound)
             length = (bound if isinstance(start, torch.Tensor) else start) + n
             cache_k, cache_v = self.cache.rows(min(length, self.cache.capacity))

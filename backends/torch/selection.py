@@ -122,6 +122,11 @@ class LayerSets:
         self.plan, self.context, self.units, self.draft_scores, self.bound = plan, context, units, draft_scores, bound
         self.draft_sets: torch.Tensor | None = None  # [draft_layers, draft_units, keep], once selected
 
+    @property
+    def reads_keys(self) -> bool:
+        """Whether selection scores the cache's keys (oracle, quest), not the draft's scores or recency."""
+        return self.plan.policy.name in ("oracle", "quest")
+
     def for_layer(self, layer: int, q: torch.Tensor, cache_k: torch.Tensor) -> torch.Tensor | None:
         """int32 [units, keep], or None where the layer reads everything."""
         policy, context = self.plan.policy, self.context
