@@ -50,7 +50,7 @@ class Generation:
     stats: GenerationStats
 
 
-POLICY_OPTIONS = ("budget", "sink", "window", "dense_layers", "aggregation", "granularity")
+POLICY_OPTIONS = ("budget", "sink", "window", "dense_layers", "aggregation", "granularity", "drafting")
 
 
 class Engine:

@@ -86,7 +86,8 @@ def add_policy_arguments(parser: argparse.ArgumentParser, default_policy: str = 
     group.add_argument("--drafting", choices=DRAFTING, default=MaskPolicy.drafting,
                        help="sts only. dense: every draft step reads the draft's whole KV cache; sparse: only a round's "
                        "first does (and scores the context), the others read the draft's own sets picked from those "
-                       "scores: cheaper drafting at long context, possibly lower acceptance, same output")
+                       "scores: cheaper drafting at long context, but the target's sets then come from the first "
+                       "step's scores alone, which keeps its output a little further from dense")
     group.add_argument("--calibration", default="auto",
                        help="calibration file from python -m sts_edge.calibrate; 'auto' finds the pair's own, 'none' ignores it")
 

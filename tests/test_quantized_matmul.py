@@ -21,16 +21,21 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {torch.bfloat16: 8e-3, torch.float16: 1e-3}  # relative Frobenius error of the rounded output
 
 
-def make_weight(outputs: int, inputs: int, bits: int, group_size: int, dtype: torch.dtype, seed: int):
-    """A quantized weight from random floats (numpy's quantizer, MLX's rule) and its float64 decoding."""
+def random_mlx_weight(outputs: int, inputs: int, bits: int, group_size: int, dtype: torch.dtype, seed: int):
+    """Random floats quantized by numpy's quantizer (MLX's rule): (packed words, scales, biases) as
+    tensors on DEVICE in mlx-lm's layout, and the float64 decoding."""
     rng = np.random.default_rng(seed)
     weight = rng.normal(size=(outputs, inputs)).astype(np.float32) * rng.uniform(0.2, 2, size=(outputs, 1)).astype(np.float32)
     packed, scales, biases = quantize(weight, group_size, bits, "float16" if dtype == torch.float16 else "bfloat16")
     decoded = dequantize(packed, scales, biases, group_size, bits).astype(np.float64)
     as_tensor = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731
-    quantized = QuantizedWeight.from_mlx(as_tensor(packed.view(np.int32)), as_tensor(scales).to(dtype),
-                                         as_tensor(biases).to(dtype), bits, group_size)
-    return quantized, decoded
+    return (as_tensor(packed.view(np.int32)), as_tensor(scales).to(dtype), as_tensor(biases).to(dtype)), decoded
+
+
+def make_weight(outputs: int, inputs: int, bits: int, group_size: int, dtype: torch.dtype, seed: int):
+    """A quantized weight in the general kernel's layout, and its float64 decoding."""
+    (words, scales, biases), decoded = random_mlx_weight(outputs, inputs, bits, group_size, dtype, seed)
+    return QuantizedWeight.from_mlx(words, scales, biases, bits, group_size), decoded
 
 
 def rel_error(out: torch.Tensor, reference: np.ndarray) -> float:
@@ -120,15 +125,9 @@ from sts_edge.triton_kernels import tensor_core_matmul as tensor_core  # noqa: E
 
 
 def make_tensor_core(outputs: int, inputs: int, bits: int, group_size: int, dtype: torch.dtype, seed: int):
-    """A weight (numpy's quantizer, MLX's rule) in the tensor-core layout, and its float64 decoding."""
-    rng = np.random.default_rng(seed)
-    weight = rng.normal(size=(outputs, inputs)).astype(np.float32) * rng.uniform(0.2, 2, size=(outputs, 1)).astype(np.float32)
-    packed, scales, biases = quantize(weight, group_size, bits, "float16" if dtype == torch.float16 else "bfloat16")
-    decoded = dequantize(packed, scales, biases, group_size, bits).astype(np.float64)
-    as_tensor = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731
-    quantized = tensor_core.TensorCoreWeight.from_mlx(as_tensor(packed.view(np.int32)), as_tensor(scales).to(dtype),
-                                                      as_tensor(biases).to(dtype), bits, group_size, dtype)
-    return quantized, decoded
+    """A weight in the tensor-core layout, and its float64 decoding."""
+    (words, scales, biases), decoded = random_mlx_weight(outputs, inputs, bits, group_size, dtype, seed)
+    return tensor_core.TensorCoreWeight.from_mlx(words, scales, biases, bits, group_size, dtype), decoded
 
 
 @pytest.mark.parametrize("bits", [4, 8])

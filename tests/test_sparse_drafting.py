@@ -131,3 +131,14 @@ def test_the_drafting_setting_is_checked_and_offered():
     assert policy_from_args(build_parser().parse_args([])).drafting == "dense"
     # Only sts drafts sparsely: other policies have no draft scores to pick the sets from.
     assert VerificationPlan(MaskPolicy("streaming", drafting="sparse")).for_draft(None) is None
+
+
+def test_the_api_takes_drafting_per_call(model_dirs, draft_dir):
+    from sts_edge import api
+
+    engine = api.load(model_dirs["llama3"], draft_dir, backend="torch-cpu", max_seq_len=160)
+    prompt = np.random.default_rng(3).integers(3, 200, 100).tolist()
+    for drafting in ("dense", "sparse"):
+        stats = GenerationStats()
+        engine.generate(prompt, max_tokens=6, stats=stats, budget=8, sink=2, window=4, drafting=drafting)
+        assert stats.drafting == drafting
