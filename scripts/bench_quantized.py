@@ -12,8 +12,9 @@ Sections (--sections):
           (`_weight_int4pack_mm`, what gpt-fast and torchao use), all in this run, group 64, ours
           checked against a float reference first;
   rounds  one decode step of the 8B-shaped target alone, and one speculative round (gamma 4, budget
-          512) dense and STS (also with sparse drafting), at 32K and 128K, with bf16 weights and with 4-bit weights (random,
-          group 64, embeddings and LM head too), as bench_round.py times them (runtime and device);
+          512) dense and STS (also with sparse drafting), at 32K and 128K, with bf16 weights and with
+          4-bit weights (random, group 64, embeddings and LM head too), as bench_round.py times them
+          (runtime and device);
   memory  peak GPU memory of the 4-bit 8B-shaped target with the 4-bit 1B-shaped draft and 32K caches
           through a round, against the same with bf16 weights.
 

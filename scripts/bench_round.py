@@ -5,9 +5,9 @@
 Random weights (timing does not depend on them) and random KV caches filled to the context, so
 no checkpoint is needed. One round = gamma draft decode steps (with sparse drafting, --drafting
 sparse: the first reads the whole draft cache and scores it, the others the draft's own sets from
-those scores), then (STS only) top-B selection
-on the device, then one target verification pass over gamma + 1 tokens. Dense speculative
-decoding runs the same round with the dense verification kernel and no scores. Three timings:
+those scores), then (STS only) top-B selection on the device, then one target verification pass
+over gamma + 1 tokens. Dense speculative decoding runs the same round with the dense
+verification kernel and no scores. Three timings:
   runtime: the models as sts_edge runs them (decode-sized forwards replay CUDA graphs), phases
            timed with device syncs around them, median of several rounds; selection runs inside
            the verification forward (captured in its graph), so its time is in verify_ms;
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_round.py needs a CUDA GPU", file=sys.stderr)
         return 1
     rows = bench_round([int(c) for c in args.contexts.split(",")], args.gamma, args.budget,
-                       modes=tuple(args.modes.split(",")), draft_kv_bits=tuple(int(b) for b in args.draft_kv_bits.split(",")),
+                       modes=tuple(args.modes.split(",")),
+                       draft_kv_bits=tuple(int(b) for b in args.draft_kv_bits.split(",")),
                        drafting=tuple(args.drafting.split(",")))
     if args.out:
         with open(args.out, "w") as f:
