@@ -171,8 +171,8 @@ def test_bad_quantization_requests_fail_before_writing(problem, make_model, mode
 def test_speculative_and_sts_on_packed_weights_through_the_kernels(make_model, monkeypatch, tmp_path):
     """The model's GPU path, on the CPU under the interpreter: packed 4-bit (target) and 8-bit
     (draft) weights with groups of 64 through the tensor-core kernel, attention
-    through the verification kernels, the draft's cache in 4 bits (written by rope_and_cache, read
-    by products with its codes). Speculative greedy output (and STS with a budget covering the
+    through the verification kernels, the draft's cache in 4 bits (written by rope_and_cache, its
+    rows decoded as the kernels read them). Speculative greedy output (and STS with a budget covering the
     context) equals the target stepping alone on the same path."""
     import sts_edge.backends.torch.attention as attention
     import sts_edge.backends.torch.loader as loader
