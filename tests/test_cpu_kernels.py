@@ -49,6 +49,31 @@ def test_products_equal_the_decoded_weights(affine_matmul, bits, group_size, dty
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"{rows} rows")
 
 
+def bfloat16_rounded(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32)).bfloat16().double().numpy()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_sized_products_in_bfloat16_tiles(affine_matmul, bits):
+    """`bfloat16_tiles` (what bfloat16 activations ask for): a prefill chunk's decoded weights and
+    its activations rounded to bfloat16, the sums in float32 and the result in bfloat16 (which the
+    caller rounds to anyway), so it is the rounded operands' product, rounded; blocks of up to 8
+    rows ignore it (the decode loops read the packed words)."""
+    words, scales, biases = random_weight(300, 384, bits, 64, torch.bfloat16, seed=9)
+    w = decoded(words, scales, biases, bits, 64)
+    x = torch.randn(20, 384, generator=torch.Generator().manual_seed(3))
+    got = affine_matmul(x, words, scales, biases, bits, 64, False, False, True).numpy()
+    assert np.array_equal(bfloat16_rounded(got), got)
+    want = bfloat16_rounded(bfloat16_rounded(x.numpy()) @ bfloat16_rounded(w).T)
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-3 * np.abs(want).max())  # a float32 sum may round the other way
+    agree = np.mean(got == want)
+    assert agree > 0.9
+    assert np.mean(got == bfloat16_rounded(x.double().numpy() @ w.T)) < agree - 0.1  # the operands were rounded
+    few = x[:8]
+    np.testing.assert_array_equal(affine_matmul(few, words, scales, biases, bits, 64, False, False, True).numpy(),
+                                  affine_matmul(few, words, scales, biases, bits, 64).numpy())
+
+
 def int8_rounded(x: np.ndarray, group_size: int) -> np.ndarray:
     """x as the integer products see it: each group rounded to int8 steps of max |x| / 127, the
     step's inverse and the quotient in float32 as the kernel computes them (in float64 a value

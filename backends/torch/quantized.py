@@ -69,8 +69,10 @@ class CpuAffineWeight:
         return cls(words, scales, biases, bits, group_size, int8_activations, amx)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # Prefill chunks with bfloat16 activations multiply decoded tiles in bfloat16 too: the
+        # activations are bfloat16 only where the CPU multiplies it natively (loader.cpu_dtype).
         y = cpu_kernel()(x.float().contiguous(), self.words, self.scales, self.biases, self.bits, self.group_size,
-                         self.int8_activations, self.amx)
+                         self.int8_activations, self.amx, x.dtype == torch.bfloat16)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
