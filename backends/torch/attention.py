@@ -122,7 +122,7 @@ def dense_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
         # Prefill chunks: with a batch axis PyTorch takes its fused CPU kernel, which groups the
         # query heads over the KV heads in place and never holds a chunk's [heads, n, length]
         # probabilities; without one it takes the reference path, which repeats the keys and values
-        # for every query head (2.2-3x slower for a 256-token chunk after 4K-16K rows).
+        # for every query head (benchmarks/README.md, "A CPU with AVX-512 but no AMX").
         return F.scaled_dot_product_attention(q[None], keys[None], values[None],
                                               attn_mask=None if mask is None else mask[None, None], enable_gqa=grouped)[0]
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=grouped)
