@@ -213,6 +213,14 @@ def _tensor_core_matmul_kernel(X, Nibbles, ScaleBias, Out, Partials, Arrivals, r
         scale, bias = _halves_as_floats(scale_bias, FP16)
         acc += offset_sum * scale[:, None]  # two fused multiply-adds per element, not a product and two sums
         acc += x_sum * (bias - OFFSET * scale)[:, None]
+    _write_out(acc, Out, Partials, Arrivals, n, m, n_ok, m_ok, outputs, splits, pid_n, pid_s, BLOCK_N, SPLIT)
+
+
+@triton.jit
+def _write_out(acc, Out, Partials, Arrivals, n, m, n_ok, m_ok, outputs, splits, pid_n, pid_s, BLOCK_N: tl.constexpr,
+               SPLIT: tl.constexpr):
+    """Store a program's [BLOCK_N outputs, 16 rows] float32 sums transposed into Out [rows, outputs];
+    with split-k, as its share's partial sums, the tile's last share to arrive adding them all."""
     out = Out + m[None, :] * outputs + n[:, None]
     mask = m_ok[None, :] & n_ok[:, None]
     if not SPLIT:
@@ -273,21 +281,26 @@ def launch_for(inputs: int, outputs: int, bits: int) -> Launch:
         block_n = 32 if outputs <= 6144 else 64
     else:
         block_n = 32 if outputs <= 3072 else 64 if outputs <= 16384 else 128
+    return Launch(block_n, split_count(inputs, outputs, block_n))
+
+
+def split_count(inputs: int, outputs: int, block_n: int) -> int:
+    """Shares of the 64-input blocks for tiles of `block_n` outputs (launch_for)."""
     tiles, blocks = triton.cdiv(outputs, block_n), inputs // BLOCK
-    splits = max(s for s in range(1, 17) if blocks % s == 0 and (s == 1 or (tiles * s <= 1100 and blocks // s >= 8)))
-    return Launch(block_n, splits)
+    return max(s for s in range(1, 17) if blocks % s == 0 and (s == 1 or (tiles * s <= 1100 and blocks // s >= 8)))
 
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept: CUDA graphs captured earlier still read them
 
 
-def reserve_workspace(weight: TensorCoreWeight, device: torch.device) -> None:
+def reserve_workspace(weight: TensorCoreWeight, device: torch.device, launch: Launch | None = None) -> None:
     """Grow the device's shared split-k workspace (partial sums and arrival counters) to fit this
-    weight's launch. Called at load for every layer, so that no product allocates (CUDA graphs
-    capture the pointers); layers run one after another on one stream, so they share it."""
+    weight's launch (`launch_for`'s, or the one given). Called at load for every layer, so that no
+    product allocates (CUDA graphs capture the pointers); layers run one after another on one
+    stream, so they share it."""
     outputs, inputs = weight.shape
-    launch = launch_for(inputs, outputs, weight.bits)
+    launch = launch or launch_for(inputs, outputs, weight.bits)
     partials = launch.splits * outputs * 16 if launch.splits > 1 else 1
     tiles = triton.cdiv(outputs, launch.block_n)
     have = _workspaces.get(device)

@@ -22,8 +22,9 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from bench_kernels import copies_for, rel_error, run_header, time_graph  # noqa: E402
 
-from sts_edge.triton_kernels.tensor_core_matmul import (TensorCoreWeight, _halves_as_floats, _workspaces,  # noqa: E402
-                                                        launch_for, reserve_workspace, tensor_core_matmul)
+from sts_edge.triton_kernels.tensor_core_matmul import (Launch, TensorCoreWeight, _halves_as_floats,  # noqa: E402
+                                                        _workspaces, _write_out, reserve_workspace, split_count,
+                                                        tensor_core_matmul)
 
 # (outputs per program, warps, pipeline stages): the first run's three tile widths at 2-4 warps and 3
 # stages, then deeper pipelines and more warps.
@@ -55,21 +56,7 @@ def _bytes_kernel(X, Bytes, ScaleBias, Out, Partials, Arrivals, rows, outputs, b
         scale, bias = _halves_as_floats(scale_bias, True)
         acc += offset_sum * scale[:, None]
         acc += x_sum * (bias - 1024.0 * scale)[:, None]
-    out = Out + m[None, :] * outputs + n[:, None]
-    mask = m_ok[None, :] & n_ok[:, None]
-    if not SPLIT:
-        tl.store(out, acc.to(Out.dtype.element_ty), mask=mask)
-    else:
-        tile = n[:, None] * 16 + m[None, :]
-        tl.store(Partials + pid_s * (outputs * 16) + tile, acc, mask=n_ok[:, None])
-        tl.debug_barrier()
-        arrived = tl.atomic_add(Arrivals + pid_n, 1, sem="acq_rel")
-        if arrived == splits - 1:
-            total = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-            for s in range(0, splits):
-                total += tl.load(Partials + s * (outputs * 16) + tile, mask=n_ok[:, None], other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(Out.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(Arrivals + pid_n, 0)
+    _write_out(acc, Out, Partials, Arrivals, n, m, n_ok, m_ok, outputs, splits, pid_n, pid_s, BLOCK_N, SPLIT)
 
 
 def bytes_layout(words: torch.Tensor) -> torch.Tensor:
@@ -90,19 +77,6 @@ def bytes_matmul(x: torch.Tensor, bytes_: torch.Tensor, scale_bias: torch.Tensor
         GROUP=64, BLOCK_N=block_n, SPLIT=splits > 1, num_warps=num_warps or (2 if block_n <= 64 else 4),
         num_stages=num_stages)
     return out
-
-
-def ensure_workspace(device: torch.device, partials: int, tiles: int) -> None:
-    """Grow the runtime's shared split-k workspace (tensor_core_matmul.reserve_workspace's) to fit."""
-    have_partials, have_arrivals = _workspaces[device]
-    if have_partials.numel() < partials or have_arrivals.numel() < tiles:
-        _workspaces[device] = (torch.empty(max(partials, have_partials.numel()), device=device),
-                               torch.zeros(max(tiles, have_arrivals.numel()), dtype=torch.int32, device=device))
-
-
-def splits_for(inputs: int, outputs: int, block_n: int) -> int:
-    tiles, blocks = triton.cdiv(outputs, block_n), inputs // 64
-    return max(s for s in range(1, 17) if blocks % s == 0 and (s == 1 or (tiles * s <= 1100 and blocks // s >= 8)))
 
 
 def main() -> None:
@@ -129,8 +103,8 @@ def main() -> None:
                    "nibble_planes_us": time_graph([lambda x=x, w=w: tensor_core_matmul(x, w, check=False)
                                                    for x, w in zip(xs, nibbles)])}
             for block_n, warps, stages in LAUNCHES:
-                splits = splits_for(inputs, outputs, block_n)
-                ensure_workspace(xs[0].device, splits * outputs * 16, triton.cdiv(outputs, block_n))
+                splits = split_count(inputs, outputs, block_n)
+                reserve_workspace(nibbles[0], xs[0].device, Launch(block_n, splits))
                 got = bytes_matmul(xs[0], bytes_[0], nibbles[0].scale_bias, block_n, splits, warps, stages)
                 key = f"bytes_n{block_n}_w{warps}_s{stages}"
                 row[f"{key}_error"] = rel_error(got.float(), reference)
