@@ -6,8 +6,9 @@ Random weights (timing does not depend on them) and random KV caches filled to t
 no checkpoint is needed. One round = gamma draft decode steps (with sparse drafting, --drafting
 sparse: the first reads the whole draft cache and scores it, the others the draft's own sets from
 those scores), then (STS only) top-B selection on the device, then one target verification pass
-over gamma + 1 tokens. Dense speculative decoding runs the same round with the dense
-verification kernel and no scores. Three timings:
+over gamma + 1 tokens (with two-stage selection, --candidates N, the draft's top N x B are scored
+by each layer's own queries inside the pass, which keeps B). Dense speculative decoding runs the
+same round with the dense verification kernel and no scores. Three timings:
   runtime: the models as sts_edge runs them (decode-sized forwards replay CUDA graphs), phases
            timed with device syncs around them, median of several rounds; selection runs inside
            the verification forward (captured in its graph), so its time is in verify_ms;
@@ -156,8 +157,8 @@ def graphed_round(target: TorchModel, draft: TorchModel, context: int, gamma: in
 
     def selecting():
         policy = plan.policy
-        sets.draft_sets = select_sets_at(scores.buffer, at, bound, policy.budget_tokens(context), policy.sink,
-                                         policy.window)
+        sets.draft_sets = select_sets_at(scores.buffer, at, bound, policy.candidates * policy.budget_tokens(context),
+                                         policy.sink, policy.window)
 
     row["select_ms"] = graph_ms(selecting) if plan else 0.0
     row["verify_ms"] = graph_ms(lambda: target.model(tokens, context, True, Reads(sets=sets)))
@@ -166,13 +167,13 @@ def graphed_round(target: TorchModel, draft: TorchModel, context: int, gamma: in
 
 def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: int = 5,
                 modes: tuple[str, ...] = ("runtime", "eager", "device"), draft_kv_bits: tuple[int, ...] = (16,),
-                drafting: tuple[str, ...] = ("dense",)) -> list[dict]:
+                drafting: tuple[str, ...] = ("dense",), candidates: tuple[int, ...] = (1,)) -> list[dict]:
     capacity = max(contexts) + 64
     target = random_model(LLAMA_8B, capacity)
     rows = []
     for kv_bits in draft_kv_bits:
         draft = random_model(LLAMA_1B, capacity, kv_bits=kv_bits)
-        rows += _rounds(target, draft, contexts, gamma, budget, rounds, modes, kv_bits, drafting)
+        rows += _rounds(target, draft, contexts, gamma, budget, rounds, modes, kv_bits, drafting, candidates)
         del draft
         torch.cuda.empty_cache()
     # The comparison: each round against dense speculative decoding with the bf16 draft cache.
@@ -186,17 +187,19 @@ def bench_round(contexts: list[int], gamma: int = 4, budget: int = 512, rounds: 
 
 
 def _rounds(target: TorchModel, draft: TorchModel, contexts: list[int], gamma: int, budget: int, rounds: int,
-            modes: tuple[str, ...], kv_bits: int, drafting: tuple[str, ...]) -> list[dict]:
+            modes: tuple[str, ...], kv_bits: int, drafting: tuple[str, ...], candidates: tuple[int, ...]) -> list[dict]:
     mapping = LayerHeadMap.proportional(target.config, draft.config, "kv")
     methods = [("dense speculative", None)] + [
-        ("sts" if how == "dense" else "sts, sparse drafting",
-         VerificationPlan(MaskPolicy("sts", budget=budget, sink=4, window=64, drafting=how), mapping)) for how in drafting]
+        ("sts" + ("" if how == "dense" else ", sparse drafting") + ("" if k == 1 else f", two-stage x{k}"),
+         VerificationPlan(MaskPolicy("sts", budget=budget, sink=4, window=64, drafting=how, candidates=k), mapping))
+        for how in drafting for k in candidates]
     rows = []
     with torch.inference_mode():
         for context in contexts:
             for name, sparse in methods:
                 row = {"context": context, "method": name, "gamma": gamma, "budget": budget if sparse else None,
-                       "draft_kv_bits": kv_bits, "drafting": sparse.policy.drafting if sparse else "dense"}
+                       "draft_kv_bits": kv_bits, "drafting": sparse.policy.drafting if sparse else "dense",
+                       "candidates": sparse.policy.candidates if sparse else None}
                 graphs = target.graphs, draft.graphs
                 for mode in modes:
                     if mode == "device":
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="runtime,eager,device", help="which timings (see above)")
     parser.add_argument("--draft-kv-bits", default="16", help="the draft cache's precisions, comma separated, of 16,8,4")
     parser.add_argument("--drafting", default="dense", help="STS's drafting modes, comma separated, of dense,sparse")
+    parser.add_argument("--candidates", default="1", help="STS's two-stage nominations per budget token, comma "
+                        "separated (1: the draft's top B as they are)")
     parser.add_argument("--out", help="JSON output (default: print only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench_round([int(c) for c in args.contexts.split(",")], args.gamma, args.budget,
                        modes=tuple(args.modes.split(",")),
                        draft_kv_bits=tuple(int(b) for b in args.draft_kv_bits.split(",")),
-                       drafting=tuple(args.drafting.split(",")))
+                       drafting=tuple(args.drafting.split(",")),
+                       candidates=tuple(int(k) for k in args.candidates.split(",")))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**run_header(), "round": rows}, f, indent=1)

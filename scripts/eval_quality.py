@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--granularity", default="kv", help="kv, query, or kv,query to compare one set per KV head with one per query head")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--calibration", default="auto", help="'auto', a file, or 'none'")
+    parser.add_argument("--candidates", default="1",
+                        help="sts's two-stage settings, comma separated (rows 'sts xK'): K > 1 nominates K x budget "
+                        "tokens by the draft's scores and keeps the budget's best by the target's own attention")
     parser.add_argument("--draft-kv-bits", type=int, default=16, choices=(16, 8, 4),
                         help="the draft's KV cache precision (its scores, and so the sts sets, come from it)")
     parser.add_argument("--drafting", choices=("dense", "sparse"), default="dense",
@@ -260,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     if "oracle" not in names:
         names.append("oracle")  # the reference for recall_vs_oracle
     granularities = args.granularity.split(",")
-    policies = [MaskPolicy(n, budget=b, sink=args.sink, window=args.window, granularity=g)
-                for g in granularities for n in names for b in budgets if not (n == "dense" and g != granularities[0])]
+    candidates = [int(k) for k in args.candidates.split(",")]
+    rows = [(n if k == 1 else f"{n} x{k}", MaskPolicy(n, budget=b, sink=args.sink, window=args.window, granularity=g,
+                                                      candidates=k))
+            for g in granularities for n in names for k in (candidates if n == "sts" else [1]) for b in budgets
+            if not (n == "dense" and g != granularities[0])]
+    labels, policies = [label for label, _ in rows], [policy for _, policy in rows]
     drafting = MaskPolicy("sts", budget=args.draft_budget, sink=args.sink, window=args.window, drafting="sparse") \
         if args.drafting == "sparse" else None
-    results = evaluate(engine, tokens, args.context, args.eval_tokens, args.gamma, policies, drafting=drafting)
+    results = evaluate(engine, tokens, args.context, args.eval_tokens, args.gamma, policies, labels=labels,
+                       drafting=drafting)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

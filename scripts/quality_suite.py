@@ -71,20 +71,25 @@ def code_text(first: int = 0) -> str:
     return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in order)
 
 
-def variants(engine, names: list[str], budgets: list[float], sink: int, window: int, calibration):
-    """(label, policy, per-policy maps) for every policy and budget, dense once."""
+def variants(engine, names: list[str], budgets: list[float], sink: int, window: int, calibration,
+             candidates: tuple[int, ...] = (1,)):
+    """(label, policy, per-policy maps) for every policy and budget, dense once; sts once per
+    two-stage setting (labelled "sts xK" for K nominations per budget token)."""
     out = [("dense", MaskPolicy("dense"), None)]
     for name in names:
         for budget in budgets:
-            policy = MaskPolicy(name, budget=budget, sink=sink, window=window)
-            out.append((name, policy, None))
-            if name == "sts" and calibration:
-                out.append(("sts+calib", policy, calibration))
+            for k in candidates if name == "sts" else (1,):
+                policy = MaskPolicy(name, budget=budget, sink=sink, window=window, candidates=k)
+                label = name if k == 1 else f"{name} x{k}"
+                out.append((label, policy, None))
+                if name == "sts" and calibration:
+                    out.append((label.replace("sts", "sts+calib"), policy, calibration))
     return out
 
 
 def generation_options(policy: MaskPolicy) -> dict:
-    return dict(policy=policy.name, budget=policy.budget, sink=policy.sink, window=policy.window)
+    return dict(policy=policy.name, budget=policy.budget, sink=policy.sink, window=policy.window,
+                candidates=policy.candidates)
 
 
 QUESTION_TOKENS = 320  # the question, the chat template around it, and a margin
@@ -202,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code-files", type=int, default=3,
                         help=f"code prefixes per context, each from a different module (at most {len(CODE_MODULES)})")
     parser.add_argument("--policies", default="sts,oracle,quest,streaming")
+    parser.add_argument("--candidates", default="1",
+                        help="sts's two-stage settings, comma separated: 1 is the draft's own top budget, K > 1 "
+                        "the target's attention keeping the budget's best of the draft's top K x budget")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--eval-tokens", type=int, default=100, help="tokens scored for perplexity after each context")
@@ -228,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if calibration_file.is_file():
         calibration = {g: load_mapping(calibration_file, target, draft, engine.target.config, engine.draft.config, g)
                        for g in GRANULARITIES}
-    runs = variants(engine, args.policies.split(","), budgets, args.sink, args.window, calibration)
+    candidates = tuple(int(k) for k in args.candidates.split(","))
+    runs = variants(engine, args.policies.split(","), budgets, args.sink, args.window, calibration, candidates)
     gen_runs = variants(engine, args.policies.split(","), [parse_budget(b) for b in args.gen_budgets.split(",")],
-                        args.sink, args.window, calibration)
+                        args.sink, args.window, calibration, candidates)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {

@@ -50,7 +50,7 @@ class Generation:
     stats: GenerationStats
 
 
-POLICY_OPTIONS = ("budget", "sink", "window", "dense_layers", "aggregation", "granularity", "drafting")
+POLICY_OPTIONS = ("budget", "sink", "window", "dense_layers", "aggregation", "granularity", "drafting", "candidates")
 
 
 class Engine:
@@ -125,7 +125,7 @@ class Engine:
         """Yield generated token ids. A list of ints is taken as an already tokenized prompt.
 
         `policy` ("dense", "sts", "oracle", "streaming", "quest" or a MaskPolicy) and the
-        policy options (budget, sink, window, dense_layers, aggregation, granularity, drafting)
+        policy options (budget, sink, window, dense_layers, aggregation, granularity, drafting, candidates)
         override the engine's default policy for this call; `gamma` defaults to `default_gamma`.
         `reuse_cache` keeps the KV of the prompt's prefix shared with the previous call (what
         `chat` does across turns).

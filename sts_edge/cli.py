@@ -88,6 +88,10 @@ def add_policy_arguments(parser: argparse.ArgumentParser, default_policy: str = 
                        "first does (and scores the context), the others read the draft's own sets picked from those "
                        "scores: cheaper drafting at long context, but the target's sets then come from the first "
                        "step's scores alone, which keeps its output a little further from dense")
+    group.add_argument("--candidates", type=int, default=MaskPolicy.candidates,
+                       help="sts only. 1: the draft's top budget tokens are the sets; N > 1: two-stage selection, the "
+                       "draft nominates N x budget tokens and the target's own attention over them keeps the budget's "
+                       "best (reads the candidates' keys, only the kept tokens' values; closer to the target's own choice)")
     group.add_argument("--calibration", default="auto",
                        help="calibration file from python -m sts_edge.calibrate; 'auto' finds the pair's own, 'none' ignores it")
 
@@ -95,7 +99,7 @@ def add_policy_arguments(parser: argparse.ArgumentParser, default_policy: str = 
 def policy_from_args(args: argparse.Namespace) -> MaskPolicy:
     return MaskPolicy(args.policy, budget=args.budget, sink=args.sink, window=args.window,
                       dense_layers=args.dense_layers, aggregation=args.aggregation, granularity=args.granularity,
-                      drafting=args.drafting)
+                      drafting=args.drafting, candidates=args.candidates)
 
 
 def calibration_from_args(args: argparse.Namespace) -> str | None:

@@ -11,10 +11,13 @@ unit (a KV head, or a query head at "query" granularity) reads a sorted, unique 
 `policy.kept_tokens(context)` positions: the first `sink`, the last `window`, and the
 `budget_tokens(context)` best-scoring positions in between, plus the block itself, causally. The
 score is, by policy: sts, the draft's attention (its running [layers, units, capacity] buffer,
-through the map); streaming, recency; oracle, the block's own dense attention mass; quest, a
-per-16-token-page upper bound of q.k from the page's key minima and maxima. `reference_sets` is
-the contract written out. With sparse drafting (`drafting`), a round's draft steps after its
-first read sets by the same contract, each draft layer and unit its own (`VerificationPlan.for_draft`).
+through the map), or with `candidates` > 1 the target's own attention mass over the draft's top
+`candidates` x budget positions (two-stage selection: the draft nominates, the block's queries
+choose, reading the candidates' keys but only the kept rows' values); streaming, recency;
+oracle, the block's own dense attention mass; quest, a per-16-token-page upper bound of q.k from
+the page's key minima and maxima. `reference_sets` is the contract written out. With sparse
+drafting (`drafting`), a round's draft steps after its first read sets by the same contract, each
+draft layer and unit its own (`VerificationPlan.for_draft`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class MaskPolicy:
     granularity: str = "kv"
     page_size: int = 16  # quest only
     drafting: str = "dense"  # "sparse": the cheaper drafting pass (DRAFTING above); other policies ignore it
+    # sts: the draft nominates candidates x budget positions and the block's own attention over them
+    # keeps the budget's best (1: the draft's top budget, as nominated). Other policies ignore it.
+    candidates: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -66,6 +72,8 @@ class MaskPolicy:
             raise MaskPolicyError(f"page_size must be >= 1, got {self.page_size}")
         if self.drafting not in DRAFTING:
             raise MaskPolicyError(f"drafting must be one of {DRAFTING}, got {self.drafting!r}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, (int, np.integer)) or self.candidates < 1:
+            raise MaskPolicyError(f"candidates must be a whole number >= 1 (times the budget), got {self.candidates!r}")
 
     def check_model(self, config: ModelConfig, capacity: int) -> None:
         """Settings that depend on the target model and its cache size."""
@@ -90,6 +98,10 @@ class MaskPolicy:
     def kept_tokens(self, context: int) -> int:
         """Entries of every set: min(budget + sink + window, context)."""
         return min(self.budget_tokens(context) + self.sink + self.window, context)
+
+    def nominated_tokens(self, context: int) -> int:
+        """Entries of the draft's candidate sets under two-stage selection (sink and window included)."""
+        return min(self.candidates * self.budget_tokens(context) + self.sink + self.window, context)
 
     def is_dense_at(self, context: int) -> bool:
         return self.name == "dense" or self.kept_tokens(context) >= context
@@ -155,6 +167,30 @@ def quest_scores(q: np.ndarray, keys: np.ndarray, context: int, granularity: str
     return np.repeat(per_unit, page_size, axis=-1)[:, :context]
 
 
+def candidate_attention(q: np.ndarray, keys: np.ndarray, context: int, candidates: np.ndarray,
+                        granularity: str) -> np.ndarray:
+    """Two-stage selection's second stage: the block's causal softmax over the candidate rows and
+    the block itself (what attention reading only those rows computes), its mass on each candidate
+    summed per unit as in group_attention; [units, context], -inf off the candidates.
+
+    q: [heads, n, head_dim]; keys: [kv_heads, >= context + n, head_dim]; candidates: [units, m] positions.
+    """
+    heads, n, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    count, m = candidates.shape
+    queries = q.reshape(kv_heads, -1, head_dim) if granularity == "kv" else q  # [units, queries, d], head-major
+    kv_of_unit = np.arange(count) * kv_heads // count
+    rows = np.concatenate([candidates, np.broadcast_to(np.arange(context, context + n), (count, n))], axis=1)
+    logits = np.einsum("uqd,umd->uqm", queries.astype(np.float64), keys[kv_of_unit[:, None], rows].astype(np.float64))
+    positions = context + np.tile(np.arange(n), queries.shape[1] // n)
+    logits = np.where(rows[:, None, :] <= positions[None, :, None], logits / np.sqrt(head_dim), -np.inf)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    mass = (probs / probs.sum(axis=-1, keepdims=True))[..., :m].sum(axis=1)
+    out = np.full((count, context), -np.inf)
+    np.put_along_axis(out, candidates, mass, axis=-1)
+    return out
+
+
 def attention_recall(mass: np.ndarray, sets: np.ndarray | None) -> tuple[float, float]:
     """(mass inside the sets, total mass) of attention mass [units, context]; None means all."""
     total = float(mass.sum())
@@ -206,7 +242,7 @@ class VerificationPlan:
         sets by the same scores, each draft layer and unit reading its own; else None."""
         if self.policy.name != "sts" or self.policy.drafting != "sparse":
             return None
-        policy = replace(self.policy, dense_layers=())  # those name target layers
+        policy = replace(self.policy, dense_layers=(), candidates=1)  # those name target layers; its own sets
         return VerificationPlan(policy, LayerHeadMap.proportional(draft, draft, policy.granularity))
 
 
@@ -239,13 +275,16 @@ def reference_sets(plan: VerificationPlan, layer: int, context: int, units: int,
                    keys: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray | None:
     """The contract: sorted index sets [units, kept] of target `layer` for a block after `context`
     tokens, or None where the layer runs dense. sts needs the draft's `scores` [draft_layers,
-    draft_units, >= context]; oracle and quest the block's queries and keys (as in
-    attention_probabilities)."""
+    draft_units, >= context] (and with candidates > 1 the queries and keys too); oracle and quest
+    the block's queries and keys (as in attention_probabilities)."""
     policy = plan.policy
     if plan.layer_is_dense(layer, context):
         return None
     if policy.name == "sts":
         per_unit = scores[plan.mapping.layer_map[layer]][plan.mapping.head_map[layer], :context]
+        if policy.candidates > 1:
+            nominated = select_indices(per_unit, policy.nominated_tokens(context), policy.sink, policy.window)
+            per_unit = candidate_attention(q, keys, context, nominated, policy.granularity)
     elif policy.name == "streaming":  # recency as the score: the budget extends the local window
         per_unit = np.broadcast_to(np.arange(context, dtype=np.float64), (units, context))
     elif policy.name == "oracle":

@@ -11,7 +11,7 @@ JSON error bodies for what is refused; they run one at a time (a bounded queue),
 in one KV cache, and a request whose client has left is cancelled at its next token. Bound to
 loopback, the server refuses what a web page could send it: a foreign Host (DNS rebinding), an
 Origin that --cors-origin does not allow, a body that is not application/json. Beyond OpenAI's
-fields a request may set top_k, gamma, policy, budget, sink and window.
+fields a request may set top_k, gamma, policy, budget, sink, window and candidates.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ COMMON_FIELDS: dict[str, Callable[[Any], bool]] = {
     "budget": lambda v: v is None or (_number(v) and 0 < v <= MAX_BUDGET),
     "sink": lambda v: v is None or (_integer(v) and v >= 0),
     "window": lambda v: v is None or (_integer(v) and v >= 0),
+    "candidates": lambda v: v is None or (_integer(v) and 1 <= v <= MAX_BUDGET),
 }
 EXPECTED = {
     "model": "a string", "max_tokens": "an integer >= 1", "max_completion_tokens": "an integer >= 1",
@@ -127,6 +128,7 @@ EXPECTED = {
     "gamma": f"an integer from 1 to {MAX_GAMMA}", "policy": f"one of {', '.join(POLICIES)}",
     "budget": "a number > 0 (below 1 a share of the context, else tokens, at most 2^31)",
     "sink": "an integer >= 0", "window": "an integer >= 0",
+    "candidates": "an integer from 1 to 2^31 (nominations per budget token)",
 }
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
@@ -180,7 +182,7 @@ def parse_request(body: dict, chat: bool) -> tuple[Any, dict[str, Any], dict[str
         "seed": body.get("seed"),
         "stop": body.get("stop"),
     }
-    for name in ("gamma", "policy", "budget", "sink", "window"):
+    for name in ("gamma", "policy", "budget", "sink", "window", "candidates"):
         if body.get(name) is not None:
             options[name] = body[name]
     response = {"stream": bool(body.get("stream")), "include_usage": bool((body.get("stream_options") or {}).get("include_usage"))}

@@ -247,7 +247,9 @@ def generate_tokens(
     stats = stats if stats is not None else GenerationStats()
     stats.gamma, stats.prompt_tokens, stats.cached_tokens = gamma, len(prompt), target.length
     stats.draft_cached_tokens = draft.length if draft is not None else 0
-    stats.policy = policy.name if policy is not None else "dense"
+    stats.policy = "dense" if policy is None else policy.name
+    if policy is not None and policy.name == "sts" and policy.candidates > 1:
+        stats.policy = f"sts, two-stage x{policy.candidates}"
     stats.drafting = "sparse" if draft_plan is not None else "dense"
     stats.accepted_histogram = [0] * (gamma + 1)
     rng = params.rng()

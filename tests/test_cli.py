@@ -21,6 +21,7 @@ BAD_SETTINGS = [
     (["--sink", "-1"], "sink"),
     (["--window", "100000"], "window (100000)"),
     (["--dense-layers", "99"], "dense layers [99]"),
+    (["--candidates", "0"], "candidates must be a whole number >= 1"),
 ]
 
 

@@ -19,14 +19,15 @@ def test_eval_quality_writes_consistent_results(backend, model_dirs, draft_dir, 
     out = tmp_path / "out" / "quality.json"
     argv = ["eval_quality.py", "--model", str(model_dirs["llama3"]), "--draft", str(draft_dir), "--text", str(text),
             "--context", "300", "--eval-tokens", "40", "--budgets", "16,48,10%", "--sink", "2", "--window", "8",
-            "--policies", "dense,sts,streaming,quest", "--granularity", "kv,query", "--backend", backend, "--calibration", "none", "--out", str(out)]
+            "--policies", "dense,sts,streaming,quest", "--granularity", "kv,query", "--backend", backend, "--calibration", "none",
+            "--candidates", "1,3", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert done.value.code == 0
     record = json.loads(out.read_text())
     rows = [r for r in record["results"] if r["policy"] != "dense-reference"]
-    assert {r["policy"] for r in rows} == {"dense", "sts", "streaming", "quest", "oracle"}
+    assert {r["policy"] for r in rows} == {"dense", "sts", "sts x3", "streaming", "quest", "oracle"}
     oracle = {(r["budget"], r["granularity"]): r["recall"] for r in rows if r["policy"] == "oracle"}
     assert len(oracle) == 6  # three budgets, both granularities
     for r in rows:

@@ -40,12 +40,13 @@ def test_the_suite_asks_every_question_and_continues_several_files(suite, model_
     out = tmp_path / "quality.json"
     argv = ["--model", str(model_dirs["llama3"]), "--draft", str(draft_dir), "--contexts", "600", "--budgets", "16",
             "--gen-budgets", "16", "--policies", "sts,streaming", "--sink", "2", "--window", "8", "--eval-tokens", "20",
-            "--code-files", "2", "--out", str(out)]
+            "--code-files", "2", "--candidates", "1,3", "--out", str(out)]
     assert suite.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["questions"] == 12 and record["code_files"] == 2
     [entry] = record["contexts"]
-    assert {row["config"] for row in entry["retrieval"]} == {"dense", "sts 16", "streaming 16"}
+    assert {row["config"] for row in entry["retrieval"]} == {"dense", "sts 16", "sts x3 16", "streaming 16"}
+    assert {row["policy"] for row in entry["perplexity_recall"]} >= {"sts", "sts x3"}
     for row in entry["retrieval"]:
         assert row["questions"] == 12 and round(row["accuracy"] * 12, 6) == round(row["accuracy"] * 12)
     dense = next(row for row in entry["code"] if row["config"] == "dense")

@@ -98,6 +98,8 @@ def test_models_and_health(client, server):
     (json.dumps({"messages": MESSAGES, "bogus_field": 1}).encode(), 400, "Unrecognized request argument"),
     (json.dumps({"messages": MESSAGES, "policy": "magic"}).encode(), 400, "policy"),
     (json.dumps({"messages": MESSAGES, "budget": 0}).encode(), 400, "budget"),
+    (json.dumps({"messages": MESSAGES, "candidates": 0}).encode(), 400, "candidates"),
+    (json.dumps({"messages": MESSAGES, "candidates": 2.5}).encode(), 400, "candidates"),
     (json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), 400, "KV cache"),
     (b"x" * 70_000, 413, "limit"),
 ])

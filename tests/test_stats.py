@@ -67,6 +67,8 @@ def test_sparsity_counts_the_rows_each_layer_read(engine):
     assert "sparse verification (streaming)" in stats.summary()
     dense = engine.generate(prompt, max_tokens=5, use_draft=False, policy="dense").stats
     assert dense.dense_rows == 0 and "sparse" not in dense.summary()
+    two_stage = engine.generate(prompt, max_tokens=5, budget=8, sink=2, window=6, candidates=3).stats
+    assert "sparse verification (sts, two-stage x3)" in two_stage.summary()
 
 
 def status_bytes(field: str) -> int:

@@ -13,6 +13,7 @@ from sts_edge.mask import (
     MaskPolicyError,
     VerificationPlan,
     attention_recall,
+    candidate_attention,
     group_attention,
     quest_scores,
     reference_sets,
@@ -215,6 +216,71 @@ def test_backend_selection_meets_the_contract(backend, name, granularity, contex
     assert backend_sets(backend, dense_layer, 1, context, units, q, keys, draft_scores) is None
 
 
+def candidate_attention_reference(q, keys, context, candidates, granularity):
+    """Per unit and query, a softmax over only the candidate rows and the causal block, summed."""
+    heads, n, d = q.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    out = np.full((candidates.shape[0], context), -np.inf)
+    for unit, rows in enumerate(candidates):
+        unit_heads = range(unit * group, (unit + 1) * group) if granularity == "kv" else [unit]
+        kv = unit if granularity == "kv" else unit // group
+        mass = np.zeros(len(rows))
+        for h in unit_heads:
+            for i in range(n):
+                visible = np.concatenate([rows, np.arange(context, context + i + 1)])
+                probs = softmax(keys[kv, visible] @ q[h, i] / np.sqrt(d))
+                mass += probs[: len(rows)]
+        out[unit, rows] = mass
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+def test_candidate_attention_is_a_softmax_over_the_candidates(granularity):
+    rng = np.random.default_rng(3)
+    kv_heads, heads, n, d, context = 2, 6, 4, 8, 50
+    q, keys = rng.normal(size=(heads, n, d)), rng.normal(size=(kv_heads, context + n, d))
+    units = kv_heads if granularity == "kv" else heads
+    candidates = random_sets(rng, units, context, 17)
+    got = candidate_attention(q, keys, context, candidates, granularity)
+    np.testing.assert_allclose(got, candidate_attention_reference(q, keys, context, candidates, granularity), rtol=1e-12)
+    everything = np.tile(np.arange(context), (units, 1))  # all candidates: the oracle's dense mass
+    np.testing.assert_allclose(candidate_attention(q, keys, context, everything, granularity),
+                               group_attention(q, keys, context, granularity), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+@pytest.mark.parametrize("context,budget,sink,window,candidates", [
+    (200, 16, 4, 8, 3), (200, 0.05, 0, 0, 4), (57, 10, 3, 20, 2), (300, 1, 1, 1, 8), (120, 20, 2, 8, 6)])
+def test_two_stage_selection_meets_the_contract(backend, granularity, context, budget, sink, window, candidates):
+    """The draft nominates candidates x budget positions, the block's own attention keeps the budget:
+    each backend gives the reference's sets, a subset of the draft's nominations; with every
+    position nominated (the last case) they are the oracle's."""
+    rng = np.random.default_rng(context + candidates)
+    policy = MaskPolicy("sts", budget=budget, sink=sink, window=window, granularity=granularity, candidates=candidates)
+    kv_heads, heads, n, d = 2, 8, 5, 16
+    units = kv_heads if granularity == "kv" else heads
+    mapping = LayerHeadMap(np.array([0, 0]), np.tile((np.arange(units) + 1) % units, (2, 1)))  # a crossed head map
+    plan = VerificationPlan(policy, mapping)
+    draft_scores = rng.random((1, units, context))
+    q = rng.normal(size=(heads, n, d)) * 2
+    keys = rng.normal(size=(kv_heads, context + n, d))
+    want = reference_sets(plan, 1, context, units, q, keys, draft_scores)
+    check_sets(want, context, policy)
+    nominated = reference_sets(VerificationPlan(dataclasses.replace(
+        policy, candidates=1, budget=candidates * policy.budget_tokens(context)), mapping), 1, context, units, scores=draft_scores)
+    if nominated is not None:
+        assert all(set(row) <= set(nom) for row, nom in zip(want.tolist(), nominated.tolist()))
+    else:
+        oracle = dataclasses.replace(policy, name="oracle", candidates=1)
+        np.testing.assert_array_equal(want, reference_sets(VerificationPlan(oracle), 1, context, units, q, keys))
+    one_stage = reference_sets(VerificationPlan(dataclasses.replace(policy, candidates=1), mapping), 1, context, units,
+                               scores=draft_scores)
+    assert not np.array_equal(want, one_stage)  # the second stage is live
+    np.testing.assert_array_equal(backend_sets(backend, plan, 1, context, units, q, keys, draft_scores), want)
+
+
 def test_selection_takes_the_best_scores():
     scores = np.array([[0.0, 9, 1, 8, 2, 7, 3, 0]])
     np.testing.assert_array_equal(select_indices(scores, 4, 1, 1), [[0, 1, 3, 7]])
@@ -239,14 +305,15 @@ def record_sets(monkeypatch, backend, recorded):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("name", POLICY_NAMES + ["sts two-stage"])
 def test_sets_used_in_real_generation_are_valid(backend, name, model_dirs, draft_dir, monkeypatch):
     recorded = []
     record_sets(monkeypatch, backend, recorded)
     target = load_model(model_dirs["llama3"], backend, max_seq_len=256)
     draft = load_model(draft_dir, backend, max_seq_len=256)
     prompt = np.random.default_rng(4).integers(0, 320, 120).tolist()
-    policy = MaskPolicy(name, budget=24, sink=2, window=8, dense_layers=(0,))
+    policy = MaskPolicy(name.split()[0], budget=24, sink=2, window=8, dense_layers=(0,),
+                        candidates=3 if name.endswith("two-stage") else 1)
     stats = GenerationStats()
     list(generate_tokens(target, prompt, SamplingParams(), 12, draft=draft, gamma=3, stats=stats, policy=policy))
     sparse = [r for r in recorded if r[0] is not None]
@@ -358,6 +425,9 @@ def test_quest_bound_is_an_upper_bound():
     (dict(sink=-1), "sink"),
     (dict(granularity="layer"), "granularity"),
     (dict(aggregation="mean"), "aggregation"),
+    (dict(candidates=0), "candidates"),
+    (dict(candidates=2.5), "candidates"),
+    (dict(candidates=True), "candidates"),
 ])
 def test_invalid_policy_settings(settings, match):
     with pytest.raises(MaskPolicyError, match=match):

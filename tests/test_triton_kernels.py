@@ -232,6 +232,35 @@ def test_selection_at_a_device_side_context_matches_numpy_reference(context, sin
         np.testing.assert_array_equal(sets[layer].cpu().numpy(), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity, n, head_dim, budget, on_device", [
+    ("kv", 5, 64, 40, False), ("kv", 1, 128, 100, True), ("query", 3, 64, 30, True), ("kv", 9, 128, 70, True)])
+def test_two_stage_kernel_keeps_the_references_best_candidates(dtype, granularity, n, head_dim, budget, on_device):
+    """The second stage's kernel against mask.candidate_attention (float64) and select_indices:
+    valid sorted sets of the nominated rows with sink and window, whose other rows carry the
+    reference's largest masses (compared as masses, so a float32 near-tie may fall either way)."""
+    from sts_edge.mask import candidate_attention
+    from sts_edge.triton_kernels.two_stage import refine_sets_kernel
+
+    heads, kv_heads, start, sink, window = 8, 2, 900, 4, 16
+    generator = torch.Generator().manual_seed(n * head_dim + budget)
+    q = (torch.randn(heads, n, head_dim, generator=generator) * 2).to(dtype)
+    cache_k = torch.randn(kv_heads, start + 32, head_dim, generator=generator).to(dtype)
+    units = kv_heads if granularity == "kv" else heads
+    middle = [torch.randperm(start - sink - window, generator=generator)[: 3 * budget] + sink for _ in range(units)]
+    forced = torch.cat((torch.arange(sink), torch.arange(start - window, start)))
+    nominated = torch.stack([torch.cat((forced, rows)).sort().values for rows in middle]).to(torch.int32)
+    at = torch.tensor([start], dtype=torch.int32, device=DEVICE) if on_device else start
+    got = refine_sets_kernel(q.to(DEVICE), cache_k.to(DEVICE), at, nominated.to(DEVICE), budget, sink, window).cpu().numpy()
+    mass = candidate_attention(q.double().numpy(), cache_k.double().numpy(), start, nominated.numpy(), granularity)
+    want = select_indices(mass, budget + sink + window, sink, window)
+    assert got.shape == want.shape and got.dtype == np.int32
+    for row_got, row_want, row_nominated, row_mass in zip(got, want, nominated.numpy(), mass):
+        assert np.all(np.diff(row_got) > 0) and set(row_got) <= set(row_nominated) and set(forced.tolist()) <= set(row_got)
+        np.testing.assert_allclose(np.sort(row_mass[row_got][sink:-window]), np.sort(row_mass[row_want][sink:-window]),
+                                   rtol=1e-3)
+
+
 def test_selected_sets_feed_the_kernel():
     """Selection and verification together equal attention over the chosen rows."""
     heads, kv_heads, head_dim, n, start = 8, 2, 64, 5, 200
@@ -319,7 +348,8 @@ def test_layer_sets_select_the_reference_sets_from_device_scores():
                                       reference_sets(plan, layer, 120, 2, scores=scores))
 
 
-def _two_rounds(target_dir, draft_dir, backend, dtype, draft_kv_bits: int = 16, budget: int = 24) -> list[np.ndarray]:
+def _two_rounds(target_dir, draft_dir, backend, dtype, draft_kv_bits: int = 16, budget: int = 24,
+                candidates: int = 1) -> list[np.ndarray]:
     """Prefill, then two draft-and-verify rounds with STS sets (the second from a later position,
     so captured graphs are replayed at a new start): every logits array along the way."""
     from sts_edge import load
@@ -332,7 +362,7 @@ def _two_rounds(target_dir, draft_dir, backend, dtype, draft_kv_bits: int = 16, 
     prompt = np.random.default_rng(0).integers(3, 200, 180).tolist()
     target.prefill(prompt)
     draft.prefill(prompt)
-    plan = VerificationPlan(MaskPolicy("sts", budget=budget, sink=2, window=8),
+    plan = VerificationPlan(MaskPolicy("sts", budget=budget, sink=2, window=8, candidates=candidates),
                             LayerHeadMap.proportional(target.config, draft.config, "kv"))
     out = []
     for block in ([5, 6, 7, 8, 9], [11, 12, 13, 14, 15]):
@@ -346,8 +376,8 @@ def _two_rounds(target_dir, draft_dir, backend, dtype, draft_kv_bits: int = 16, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the model routes attention to the kernels on a GPU only")
-@pytest.mark.parametrize("draft_kv_bits", [16, 8])
-def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch, draft_kv_bits):
+@pytest.mark.parametrize("draft_kv_bits, candidates", [(16, 1), (8, 1), (16, 3)])
+def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch, draft_kv_bits, candidates):
     """Draft scores, device selection and sparse verification through the kernels, replayed as
     CUDA graphs, then eagerly, against the same model with kernels and graphs off (plain paths;
     an 8-bit draft cache decoded to rows there, read quantized by the kernels).
@@ -358,17 +388,18 @@ def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch, draf
     move enough to flip a near-tie in STS's sets, so with 8 bits the verification's budget covers
     the context; and not 4 bits, where a level is a fifteenth of the group's range and the runs
     drift apart by design. test_kernels_read_quantized_caches_as_the_rows_they_decode_to checks
-    the kernels on 4- and 8-bit rows exactly, tests/test_layer_ops.py the quantized write."""
+    the kernels on 4- and 8-bit rows exactly, tests/test_layer_ops.py the quantized write. With
+    two-stage selection (candidates 3) the second stage runs inside the verification graph."""
     import sts_edge.backends.torch.model as torch_model
 
     target_dir = make_model("llama3", head_dim=64, num_hidden_layers=3)
     draft_dir = make_model("llama3", seed=1, head_dim=64, num_hidden_layers=2)
     budget = 24 if draft_kv_bits == 16 else 320
-    graphed = _two_rounds(target_dir, draft_dir, "cuda", "float16", draft_kv_bits, budget)
+    graphed = _two_rounds(target_dir, draft_dir, "cuda", "float16", draft_kv_bits, budget, candidates)
     monkeypatch.setenv("STS_EDGE_CUDA_GRAPHS", "0")
-    eager = _two_rounds(target_dir, draft_dir, "cuda", "float16", draft_kv_bits, budget)
+    eager = _two_rounds(target_dir, draft_dir, "cuda", "float16", draft_kv_bits, budget, candidates)
     monkeypatch.setattr(torch_model, "use_kernels", lambda *args: False)
-    plain = _two_rounds(target_dir, draft_dir, "cuda", "float16", draft_kv_bits, budget)
+    plain = _two_rounds(target_dir, draft_dir, "cuda", "float16", draft_kv_bits, budget, candidates)
     for got_graphed, got_eager, want in zip(graphed, eager, plain):
         np.testing.assert_allclose(got_eager, want, rtol=2e-2, atol=2e-2)
         np.testing.assert_allclose(got_graphed, want, rtol=2e-2, atol=2e-2)

@@ -3,7 +3,9 @@
 
 sts: the top-B of every draft layer and unit in one argpartition over the draft's running score
 buffer, merged with sink and window and sorted; each target layer takes its mapped draft layer's
-sets. oracle and quest score the block's own queries and keys; streaming is recency.
+sets; with two-stage selection (`candidates` > 1) those are the nominated sets, of which each layer
+keeps the budget's best by its block's own attention (refine_sets). oracle and quest score the
+block's own queries and keys; streaming is recency.
 """
 
 from __future__ import annotations
@@ -32,6 +34,34 @@ def mapped_sets(draft_sets: mx.array, mapping: LayerHeadMap, layer: int) -> mx.a
     if np.array_equal(heads, np.arange(sets.shape[0])):
         return sets
     return sets[mx.array(heads)]
+
+
+def refine_sets(q: mx.array, keys: mx.array, context: int, nominated: mx.array, budget: int, sink: int, window: int,
+                scale: float) -> mx.array:
+    """Two-stage selection's second stage (mask.candidate_attention is its reference): of the
+    nominated sets [units, m] (sorted, sink and window among them), keep sink, window and the
+    `budget` positions with the most attention mass of the block's queries, from their causal
+    softmax over the nominated rows and the block; sorted int32 [units, budget + sink + window].
+    q [1, heads, n, d] at positions context..; keys [1, kv_heads, >= context + n, d]."""
+    _, heads, n, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    count, m = nominated.shape
+    queries = q[0].astype(mx.float32)
+    if count == kv_heads:
+        queries = queries.reshape(kv_heads, -1, head_dim)  # [units, queries, d]
+    kv_of_unit = mx.arange(count) * kv_heads // count
+    block = context + mx.arange(n)
+    rows = mx.concatenate([nominated.astype(mx.int32), mx.broadcast_to(block.astype(mx.int32), (count, n))], axis=1)
+    gathered = keys[0][kv_of_unit[:, None], rows].astype(mx.float32)  # [units, m + n, d]
+    logits = (queries @ gathered.transpose(0, 2, 1)) * scale
+    positions = mx.tile(block, (queries.shape[1] // n,))
+    causal = rows[:, None, :] <= positions[None, :, None]
+    mass = mx.softmax(mx.where(causal, logits, -mx.inf), axis=-1)[..., :m].sum(axis=1)  # [units, m]
+    forced = (nominated < sink) | (nominated >= context - window)
+    top = mx.argpartition(-mx.where(forced, -mx.inf, mass), kth=budget - 1, axis=-1)[..., :budget]
+    kept = mx.concatenate([mx.arange(sink, dtype=mx.int32), mx.arange(context - window, context, dtype=mx.int32)])
+    chosen = mx.take_along_axis(nominated, top, axis=-1).astype(mx.int32)
+    return mx.sort(mx.concatenate([mx.broadcast_to(kept, (count, kept.size)), chosen], axis=-1), axis=-1)
 
 
 def attention_mass(q: mx.array, keys: mx.array, context: int, granularity: str, scale: float) -> mx.array:
@@ -83,8 +113,15 @@ class LayerSets:
         budget = policy.budget_tokens(context)
         if policy.name == "sts":
             if self.draft_sets is None:
-                self.draft_sets = select_sets(self.draft_scores, context, budget, policy.sink, policy.window)
-            return mapped_sets(self.draft_sets, self.plan.mapping, layer)
+                self.draft_sets = select_sets(self.draft_scores, context, policy.candidates * budget, policy.sink,
+                                              policy.window)
+                if self.draft_sets is None:  # the candidates would be the whole context: every position is one
+                    everything = mx.arange(context, dtype=mx.int32)
+                    self.draft_sets = mx.broadcast_to(everything, (*self.draft_scores.shape[:2], context))
+            sets = mapped_sets(self.draft_sets, self.plan.mapping, layer)
+            if policy.candidates == 1:
+                return sets
+            return refine_sets(q, cache_k, context, sets, budget, policy.sink, policy.window, scale)
         if policy.name == "streaming":
             scores = mx.broadcast_to(mx.arange(context, dtype=mx.float32), (self.units, context))
         elif policy.name == "oracle":

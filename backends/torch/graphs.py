@@ -63,7 +63,9 @@ class DecodeGraphs:
             return True
         policy = plan.policy
         # A fractional budget changes the set size with every position: no fixed shape to capture.
+        # Two-stage selection's candidates must leave some of the context out (select_sets_at's shapes).
         return (policy.name == "sts" and policy.granularity == "kv" and policy.budget >= 1
+                and policy.candidates * policy.budget + policy.sink + policy.window < start
                 and draft_scores is not None and draft_scores.buffer.shape[-1] >= self.bound(start, n))
 
     def run(self, tokens: torch.Tensor, start: int, all_logits: bool, plan: VerificationPlan | None,
@@ -77,7 +79,7 @@ class DecodeGraphs:
                                           # the map's content, not its identity: each generation builds its plan
                                           plan.mapping.layer_map.tobytes(), plan.mapping.head_map.tobytes(),
                                           plan.policy.budget, plan.policy.sink, plan.policy.window,
-                                          plan.policy.dense_layers))
+                                          plan.policy.dense_layers, plan.policy.candidates))
         entry = self.captured.get(key)
         if entry is None:
             entry = self._capture(key, tokens, start, all_logits, bound, plan, draft_scores, scores)

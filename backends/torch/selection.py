@@ -3,7 +3,9 @@
 
 sts: the top-B of every draft layer and unit in one torch.topk over the draft's running score
 buffer, merged with sink and window and sorted; each target layer takes its mapped draft layer's
-sets (views, so a CUDA graph can capture the whole selection). torch.topk stays because a
+sets (views, so a CUDA graph can capture the whole selection); with two-stage selection
+(`candidates` > 1) those are the nominated sets, and each layer keeps the budget's best of them by
+its block's own attention (refine_sets, fixed shapes too). torch.topk stays because a
 sorting-free threshold selection was not faster at long contexts (benchmarks/README.md).
 oracle and quest score the block's own queries and keys here; streaming is recency.
 """
@@ -14,6 +16,11 @@ import numpy as np
 import torch
 
 from sts_edge.mask import LayerHeadMap, VerificationPlan
+
+try:  # the GPU's second stage of two-stage selection (Triton); the torch ops below are its reference
+    from sts_edge.triton_kernels.two_stage import MAX_NOMINATED, refine_sets_kernel
+except ImportError:
+    refine_sets_kernel, MAX_NOMINATED = None, 0
 
 
 def select_sets(scores: torch.Tensor, context: int, budget: int, sink: int, window: int) -> torch.Tensor | None:
@@ -59,6 +66,37 @@ def _merge(top: torch.Tensor, sink: int, window_rows: torch.Tensor) -> torch.Ten
     forced = torch.cat((torch.arange(sink, dtype=torch.int32, device=top.device), window_rows))
     sets = torch.cat((forced.expand(*top.shape[:-1], forced.numel()), top.to(torch.int32) + sink), dim=-1)
     return sets.sort(dim=-1).values
+
+
+def refine_sets(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Tensor, nominated: torch.Tensor,
+                budget: int, sink: int, window: int) -> torch.Tensor:
+    """Two-stage selection's second stage (mask.candidate_attention is its reference): of the
+    nominated sets [units, m] (sorted, sink and window among them), keep sink, window and the
+    `budget` positions with the most attention mass of the block's queries, from their causal
+    softmax over the nominated rows and the block; sorted int32 [units, budget + sink + window].
+    q [heads, n, head_dim] at positions context..; cache_k [kv_heads, >= context + n, head_dim];
+    `context` may be a one-element device tensor (a CUDA graph)."""
+    heads, n, head_dim = q.shape
+    kv_heads = cache_k.shape[0]
+    count, m = nominated.shape
+    device = q.device
+    if (refine_sets_kernel is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and cache_k.dtype == q.dtype and head_dim in (64, 128) and m <= MAX_NOMINATED):
+        return refine_sets_kernel(q, cache_k, context, nominated, budget, sink, window)
+    queries = q.float().reshape(kv_heads, -1, head_dim) if count == kv_heads else q.float()  # [units, queries, d]
+    kv_of_unit = torch.arange(count, device=device) * kv_heads // count
+    block = context + torch.arange(n, device=device)
+    rows = torch.cat((nominated.long(), block.long().expand(count, n)), dim=1)  # [units, m + n]
+    keys = cache_k[kv_of_unit[:, None], rows].float()
+    logits = queries @ keys.transpose(1, 2) * head_dim**-0.5  # [units, queries, m + n]
+    positions = block.repeat(queries.shape[1] // n)
+    causal = rows[:, None, :] <= positions[None, :, None]
+    mass = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)[..., :m].sum(dim=1)  # [units, m]
+    forced = (nominated < sink) | (nominated >= context - window)
+    top = mass.masked_fill(forced, float("-inf")).topk(budget, dim=-1, sorted=False).indices
+    window_rows = context - window + torch.arange(window, dtype=torch.int32, device=device)
+    kept = torch.cat((torch.arange(sink, dtype=torch.int32, device=device), window_rows.to(torch.int32)))
+    return torch.cat((kept.expand(count, kept.numel()), nominated.gather(1, top).to(torch.int32)), dim=1).sort(dim=-1).values
 
 
 def csr_offsets(units: int, keep: int, device: torch.device) -> torch.Tensor:
@@ -124,8 +162,10 @@ class LayerSets:
 
     @property
     def reads_keys(self) -> bool:
-        """Whether selection scores the cache's keys (oracle, quest), not the draft's scores or recency."""
-        return self.plan.policy.name in ("oracle", "quest")
+        """Whether selection scores the cache's keys (oracle, quest, two-stage sts), not only the draft's
+        scores or recency."""
+        policy = self.plan.policy
+        return policy.name in ("oracle", "quest") or (policy.name == "sts" and policy.candidates > 1)
 
     def for_layer(self, layer: int, q: torch.Tensor, cache_k: torch.Tensor) -> torch.Tensor | None:
         """int32 [units, keep], or None where the layer reads everything."""
@@ -136,7 +176,11 @@ class LayerSets:
         if policy.name == "sts":
             if self.draft_sets is None:
                 self.draft_sets = self._select_draft_sets()
-            return mapped_sets(self.draft_sets, self.plan.mapping, layer)
+            sets = mapped_sets(self.draft_sets, self.plan.mapping, layer)
+            if policy.candidates == 1:
+                return sets
+            budget = policy.budget_tokens(self.bound if on_device else context)
+            return refine_sets(q, cache_k, context, sets, budget, policy.sink, policy.window)
         budget = policy.budget_tokens(context)
         if policy.name == "streaming":
             scores = torch.arange(context, dtype=torch.float32, device=q.device).expand(self.units, context)
@@ -147,9 +191,15 @@ class LayerSets:
         return select_sets(scores, context, budget, policy.sink, policy.window)
 
     def _select_draft_sets(self) -> torch.Tensor:
+        """[draft_layers, draft_units, keep]: the draft's top budget (times `candidates`) with sink and window."""
         policy = self.plan.policy
         if isinstance(self.context, torch.Tensor):
             budget = policy.budget_tokens(self.bound)  # graphs take integer budgets only: the same at any context
-            return select_sets_at(self.draft_scores, self.context, self.bound, budget, policy.sink, policy.window)
-        return select_sets(self.draft_scores, self.context, policy.budget_tokens(self.context), policy.sink,
-                           policy.window)
+            return select_sets_at(self.draft_scores, self.context, self.bound, policy.candidates * budget, policy.sink,
+                                  policy.window)
+        nominated = select_sets(self.draft_scores, self.context, policy.candidates * policy.budget_tokens(self.context),
+                                policy.sink, policy.window)
+        if nominated is None:  # the candidates would be the whole context: every position is one
+            everything = torch.arange(self.context, dtype=torch.int32, device=self.draft_scores.device)
+            nominated = everything.expand(*self.draft_scores.shape[:2], self.context)
+        return nominated
