@@ -331,12 +331,13 @@ def test_sets_used_in_real_generation_are_valid(backend, name, model_dirs, draft
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("granularity", ["kv", "query"])
-def test_full_budget_sts_equals_dense(backend, granularity, model_dirs, draft_dir):
+@pytest.mark.parametrize("candidates", [1, 3])
+def test_full_budget_sts_equals_dense(backend, granularity, candidates, model_dirs, draft_dir):
     target = load_model(model_dirs["llama3"], backend, max_seq_len=256)
     draft = load_model(draft_dir, backend, max_seq_len=256)
     prompt = np.random.default_rng(5).integers(0, 320, 100).tolist()
     dense = list(generate_tokens(target, prompt, SamplingParams(), 20, draft=draft, gamma=4))
-    covering = MaskPolicy("sts", budget=200, sink=4, window=16, granularity=granularity)
+    covering = MaskPolicy("sts", budget=200, sink=4, window=16, granularity=granularity, candidates=candidates)
     stats = GenerationStats()
     sts = list(generate_tokens(target, prompt, SamplingParams(), 20, draft=draft, gamma=4, stats=stats, policy=covering))
     assert sts == dense
