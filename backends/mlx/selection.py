@@ -22,9 +22,14 @@ def select_sets(scores: mx.array, context: int, budget: int, sink: int, window: 
         return None
     middle = scores[..., sink : context - window].astype(mx.float32)
     top = mx.argpartition(-middle, kth=budget - 1, axis=-1)[..., :budget].astype(mx.int32) + sink
+    return _merge(top, context, sink, window)
+
+
+def _merge(chosen: mx.array, context: int, sink: int, window: int) -> mx.array:
+    """Sorted int32 sets [..., sink + window + budget]: the chosen positions, the sink and the window."""
     forced = mx.concatenate([mx.arange(sink, dtype=mx.int32), mx.arange(context - window, context, dtype=mx.int32)])
-    forced = mx.broadcast_to(forced, (*top.shape[:-1], forced.size))
-    return mx.sort(mx.concatenate([forced, top], axis=-1), axis=-1)
+    forced = mx.broadcast_to(forced, (*chosen.shape[:-1], forced.size))
+    return mx.sort(mx.concatenate([forced, chosen], axis=-1), axis=-1)
 
 
 def mapped_sets(draft_sets: mx.array, mapping: LayerHeadMap, layer: int) -> mx.array:
@@ -59,9 +64,7 @@ def refine_sets(q: mx.array, keys: mx.array, context: int, nominated: mx.array, 
     mass = mx.softmax(mx.where(causal, logits, -mx.inf), axis=-1)[..., :m].sum(axis=1)  # [units, m]
     forced = (nominated < sink) | (nominated >= context - window)
     top = mx.argpartition(-mx.where(forced, -mx.inf, mass), kth=budget - 1, axis=-1)[..., :budget]
-    kept = mx.concatenate([mx.arange(sink, dtype=mx.int32), mx.arange(context - window, context, dtype=mx.int32)])
-    chosen = mx.take_along_axis(nominated, top, axis=-1).astype(mx.int32)
-    return mx.sort(mx.concatenate([mx.broadcast_to(kept, (count, kept.size)), chosen], axis=-1), axis=-1)
+    return _merge(mx.take_along_axis(nominated, top, axis=-1).astype(mx.int32), context, sink, window)
 
 
 def attention_mass(q: mx.array, keys: mx.array, context: int, granularity: str, scale: float) -> mx.array:

@@ -34,7 +34,7 @@ def select_sets(scores: torch.Tensor, context: int, budget: int, sink: int, wind
         return None
     top = scores[..., sink : context - window].topk(budget, dim=-1, sorted=False).indices
     window_rows = torch.arange(context - window, context, dtype=torch.int32, device=scores.device)
-    return _merge(top, sink, window_rows)
+    return _merge(top.to(torch.int32) + sink, sink, window_rows)
 
 
 def select_sets_at(scores: torch.Tensor, context: torch.Tensor, bound: int, budget: int, sink: int,
@@ -51,7 +51,7 @@ def select_sets_at(scores: torch.Tensor, context: torch.Tensor, bound: int, budg
     candidates = scores[..., sink:bound].masked_fill(columns >= context - window, float("-inf"))
     top = candidates.topk(budget, dim=-1, sorted=False).indices
     window_rows = context - window + torch.arange(window, dtype=torch.int32, device=scores.device)
-    return _merge(top, sink, window_rows)
+    return _merge(top.to(torch.int32) + sink, sink, window_rows)
 
 
 def _check(scores: torch.Tensor, columns: int, name: str, budget: int, sink: int, window: int) -> None:
@@ -61,11 +61,10 @@ def _check(scores: torch.Tensor, columns: int, name: str, budget: int, sink: int
         raise ValueError(f"scores cover {scores.shape[-1]} positions, fewer than {name} ({columns})")
 
 
-def _merge(top: torch.Tensor, sink: int, window_rows: torch.Tensor) -> torch.Tensor:
-    """Sets [..., sink + window + budget] from top-B column offsets (past the sink), sorted."""
-    forced = torch.cat((torch.arange(sink, dtype=torch.int32, device=top.device), window_rows))
-    sets = torch.cat((forced.expand(*top.shape[:-1], forced.numel()), top.to(torch.int32) + sink), dim=-1)
-    return sets.sort(dim=-1).values
+def _merge(chosen: torch.Tensor, sink: int, window_rows: torch.Tensor) -> torch.Tensor:
+    """Sorted int32 sets [..., sink + window + budget]: the chosen positions, the sink and the window."""
+    forced = torch.cat((torch.arange(sink, dtype=torch.int32, device=chosen.device), window_rows.to(torch.int32)))
+    return torch.cat((forced.expand(*chosen.shape[:-1], forced.numel()), chosen), dim=-1).sort(dim=-1).values
 
 
 def refine_sets(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Tensor, nominated: torch.Tensor,
@@ -95,8 +94,7 @@ def refine_sets(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Ten
     forced = (nominated < sink) | (nominated >= context - window)
     top = mass.masked_fill(forced, float("-inf")).topk(budget, dim=-1, sorted=False).indices
     window_rows = context - window + torch.arange(window, dtype=torch.int32, device=device)
-    kept = torch.cat((torch.arange(sink, dtype=torch.int32, device=device), window_rows.to(torch.int32)))
-    return torch.cat((kept.expand(count, kept.numel()), nominated.gather(1, top).to(torch.int32)), dim=1).sort(dim=-1).values
+    return _merge(nominated.gather(1, top).to(torch.int32), sink, window_rows)
 
 
 def csr_offsets(units: int, keep: int, device: torch.device) -> torch.Tensor:
