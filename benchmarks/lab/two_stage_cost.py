@@ -7,7 +7,7 @@ cpu: the target's verification of a block of 3 (gamma 2, the CPU default) after 
 Emma, budget 256, with candidates 1, 4 and 8, alternating, median of the runs after the first.
 gpu: one layer's second stage (8 KV heads of 4 query heads, a block of 5, head_dim 128, budget 512,
 x4: 2,116 nominees per KV head) replayed in a CUDA graph, each kernel alone and the whole, and the
-same in PyTorch ops; microseconds, median of 20 replays of 10.
+same in PyTorch ops; microseconds per call (scripts/bench_kernels.time_graph).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,25 +59,11 @@ def gpu_cost() -> dict:
     import sts_edge.triton_kernels.two_stage as two_stage
     from sts_edge.backends.torch import selection
 
-    def replay_us(fn, replays: int = 20) -> float:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(10):
-                fn()
-        times = []
-        for _ in range(replays):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) * 100)  # ms for 10 -> us for one
-        return statistics.median(times)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from bench_kernels import time_graph
+
+    def replay_us(fn) -> float:
+        return time_graph([fn])
 
     torch.manual_seed(0)
     units, group, n, head_dim, context, budget, k = 8, 4, 5, 128, 131072, 512, 4
