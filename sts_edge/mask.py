@@ -99,9 +99,16 @@ class MaskPolicy:
         """Entries of every set: min(budget + sink + window, context)."""
         return min(self.budget_tokens(context) + self.sink + self.window, context)
 
+    def nominations(self, context: int) -> int:
+        """Two-stage selection's nominations per budget token after `context` tokens: `candidates`
+        where the nominees leave some of the context out, else 1 (a second stage over every key
+        would cost what dense attention does, and no fixed-shape CUDA graph holds it)."""
+        nominated = self.candidates * self.budget_tokens(context) + self.sink + self.window
+        return self.candidates if nominated < context else 1
+
     def nominated_tokens(self, context: int) -> int:
         """Entries of the draft's candidate sets under two-stage selection (sink and window included)."""
-        return min(self.candidates * self.budget_tokens(context) + self.sink + self.window, context)
+        return min(self.nominations(context) * self.budget_tokens(context) + self.sink + self.window, context)
 
     def is_dense_at(self, context: int) -> bool:
         return self.name == "dense" or self.kept_tokens(context) >= context
@@ -237,6 +244,12 @@ class VerificationPlan:
     def layer_is_dense(self, layer: int, context: int) -> bool:
         return self.policy.is_dense_at(context) or layer in self.policy.dense_layers
 
+    def at(self, context: int) -> "VerificationPlan":
+        """This plan as it runs after `context` tokens: two-stage selection stands down where its
+        nominees would cover the context (MaskPolicy.nominations)."""
+        nominations = self.policy.nominations(context)
+        return self if nominations == self.policy.candidates else replace(self, policy=replace(self.policy, candidates=nominations))
+
     def for_draft(self, draft: ModelConfig) -> "VerificationPlan | None":
         """With sparse drafting, the plan of the draft's own steps after a round's first: the same
         sets by the same scores, each draft layer and unit reading its own; else None."""
@@ -282,7 +295,7 @@ def reference_sets(plan: VerificationPlan, layer: int, context: int, units: int,
         return None
     if policy.name == "sts":
         per_unit = scores[plan.mapping.layer_map[layer]][plan.mapping.head_map[layer], :context]
-        if policy.candidates > 1:
+        if policy.nominations(context) > 1:
             nominated = select_indices(per_unit, policy.nominated_tokens(context), policy.sink, policy.window)
             per_unit = candidate_attention(q, keys, context, nominated, policy.granularity)
     elif policy.name == "streaming":  # recency as the score: the budget extends the local window

@@ -13,9 +13,9 @@ kernels per layer, each a few microseconds however little it reads; here it is t
   2. mass: the same grid merges the partial sums into each query's log-sum-exp and writes each
      candidate's mass;
   3. keep: one program per unit finds the budget's threshold by bisection on the masses' bits
-     (non-negative floats order as their bit patterns), then compacts the nominated list to the
-     forced rows plus those at or above it (ties by position): the output stays sorted, as the
-     attention kernels need, with no sort.
+     (non-negative floats order as their bit patterns; ranked to one part in 2048), then compacts
+     the rows between the sink and the window to those at or above it (ties by position): the
+     output stays sorted, as the attention kernels need, with no sort.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from sts_edge.triton_kernels.verify_attention import INTERPRETED
 LOG2E = 1.4426950408889634
 ROWS = 64  # candidates per program of the first two kernels
 MAX_NOMINATED = 16384  # the keep kernel holds a unit's whole list in one program's registers
-KEEP_WARPS = 4  # the threshold search is the stage's longest part; 1, 2 or 8 warps and a 16-way search did worse
+KEY_SHIFT = tl.constexpr(12)  # masses ranked on 11 of float32's 23 mantissa bits: one part in 2048
+FLOOR_OCTAVES = tl.constexpr(30)  # masses below 2^-30 of a unit's largest rank as equal
 
 
 @triton.jit
@@ -97,40 +98,53 @@ def _mass_kernel(Logits, PartMax, PartSum, Mass, stride_lu, stride_lq, stride_pu
 
 
 @triton.jit
-def _keep_kernel(Mass, Nominated, Start, Out, stride_mu, stride_nu, stride_ou, m, budget, sink, window,
-                 MP: tl.constexpr, START_IN_MEMORY: tl.constexpr):
+def _keep_kernel(Mass, Nominated, Out, stride_mu, stride_nu, stride_ou, m, budget, sink, window,
+                 MP: tl.constexpr, FP: tl.constexpr):
     unit = tl.program_id(0)
-    start = tl.load(Start) if START_IN_MEMORY else Start
-    i = tl.arange(0, MP)
-    live = i < m
-    rows = tl.load(Nominated + unit * stride_nu + i, mask=live, other=0)
-    forced = live & ((rows < sink) | (rows >= start - window))
-    mass = tl.load(Mass + unit * stride_mu + i, mask=live, other=0.0)
-    bits = tl.where(live & ~forced, tl.maximum(mass, 0.0).to(tl.int32, bitcast=True), -1)
-    # The largest t with at least `budget` candidates at or above it: bisection over [0, 2^31),
-    # count(bits >= low) >= budget > count(bits >= high) throughout.
+    f = tl.arange(0, FP)  # sink and window: the list's first and last entries, kept as they are
+    tl.store(Out + unit * stride_ou + f, tl.load(Nominated + unit * stride_nu + f, mask=f < sink), mask=f < sink)
+    tl.store(Out + unit * stride_ou + sink + budget + f,
+             tl.load(Nominated + unit * stride_nu + m - window + f, mask=f < window), mask=f < window)
+    i = tl.arange(0, MP)  # the rows between them, of which the budget is kept
+    live = i < m - sink - window
+    rows = tl.load(Nominated + unit * stride_nu + sink + i, mask=live, other=0)
+    bits = tl.maximum(tl.load(Mass + unit * stride_mu + sink + i, mask=live, other=0.0), 0.0).to(tl.int32, bitcast=True)
+    # Non-negative floats order as their bit patterns. The key drops the low KEY_SHIFT mantissa bits
+    # and all below 2^-FLOOR_OCTAVES of the unit's largest mass: a ranking finer than bf16 keys can
+    # resolve, in half the bisection steps of the full bits (each a reduction the program waits on).
+    floor = tl.maximum(tl.max(bits, axis=0) - (FLOOR_OCTAVES << 23), 0)
+    key = tl.where(live, (tl.maximum(bits, floor) - floor) >> KEY_SHIFT, -1)
+    # The largest t with at least `budget` keys at or above it: bisection,
+    # count(key >= low) >= budget > count(key >= high) throughout.
     low = tl.full([], 0, tl.int32)
-    high = tl.full([], 0x7F800001, tl.int32)  # above every finite non-negative float's bits
+    high = tl.max(key, axis=0) + 1
     while high - low > 1:
         mid = low + (high - low) // 2
-        if tl.sum((bits >= mid).to(tl.int32), axis=0) >= budget:
+        if tl.sum((key >= mid).to(tl.int32), axis=0) >= budget:
             low = mid
         else:
             high = mid
-    above = bits > low
-    ties = bits == low
+    above = key > low
+    ties = key == low
     room = budget - tl.sum(above.to(tl.int32), axis=0)
-    keep = forced | above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))
+    keep = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))  # ties by position
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    tl.store(Out + unit * stride_ou + slot, rows, mask=keep)
+    tl.store(Out + unit * stride_ou + sink + slot, rows, mask=keep)
+
+
+def keep_warps(middle: int) -> int:
+    """The threshold search is bound by its reductions' latency: more warps shorten each only
+    while they have work (1, 2, 16 or 32 warps and 4- and 16-way searches did worse)."""
+    return 8 if middle >= 4096 else 4
 
 
 def refine_sets_kernel(q: torch.Tensor, cache_k: torch.Tensor, start: int | torch.Tensor, nominated: torch.Tensor,
                        budget: int, sink: int, window: int) -> torch.Tensor:
     """selection.refine_sets on the GPU, one set per KV head or per query head: q [heads, n,
     head_dim] at positions start..; cache_k [kv_heads, capacity, head_dim] in q's dtype; nominated
-    int32 [units, m] sorted, with sink and window and at least `budget` others; `start` an int or
-    a one-element int32 device tensor. Returns sorted int32 [units, budget + sink + window]."""
+    int32 [units, m] sorted, its first `sink` entries the sink and its last `window` the window
+    (as select_sets lays them out), at least `budget` between; `start` an int or a one-element
+    int32 device tensor. Returns sorted int32 [units, budget + sink + window]."""
     heads, n, head_dim = q.shape
     kv_heads = cache_k.shape[0]
     units, m = nominated.shape
@@ -157,7 +171,8 @@ def refine_sets_kernel(q: torch.Tensor, cache_k: torch.Tensor, start: int | torc
     _mass_kernel[(units, splits)](
         logits, part_max, part_sum, mass, logits.stride(0), logits.stride(1), part_max.stride(0), part_max.stride(1),
         mass.stride(0), m, N=n, HEADS_PER_UNIT=heads_per_unit, QP=qp, SP=triton.next_power_of_2(splits + 1), ROWS=ROWS)
-    listed = triton.next_power_of_2(m)
-    _keep_kernel[(units,)](mass, nominated, start, out, mass.stride(0), nominated.stride(0), out.stride(0), m, budget,
-                           sink, window, MP=listed, START_IN_MEMORY=in_memory, num_warps=KEEP_WARPS)
+    middle = triton.next_power_of_2(m - sink - window)
+    _keep_kernel[(units,)](mass, nominated, out, mass.stride(0), nominated.stride(0), out.stride(0), m, budget, sink,
+                           window, MP=middle, FP=triton.next_power_of_2(max(sink, window, 1)),
+                           num_warps=keep_warps(middle))
     return out

@@ -116,13 +116,10 @@ class LayerSets:
         budget = policy.budget_tokens(context)
         if policy.name == "sts":
             if self.draft_sets is None:
-                self.draft_sets = select_sets(self.draft_scores, context, policy.candidates * budget, policy.sink,
-                                              policy.window)
-                if self.draft_sets is None:  # the candidates would be the whole context: every position is one
-                    everything = mx.arange(context, dtype=mx.int32)
-                    self.draft_sets = mx.broadcast_to(everything, (*self.draft_scores.shape[:2], context))
+                self.draft_sets = select_sets(self.draft_scores, context, policy.nominations(context) * budget,
+                                              policy.sink, policy.window)
             sets = mapped_sets(self.draft_sets, self.plan.mapping, layer)
-            if policy.candidates == 1:
+            if policy.nominations(context) == 1:
                 return sets
             return refine_sets(q, cache_k, context, sets, budget, policy.sink, policy.window, scale)
         if policy.name == "streaming":

@@ -63,7 +63,8 @@ class DecodeGraphs:
             return True
         policy = plan.policy
         # A fractional budget changes the set size with every position: no fixed shape to capture.
-        # Two-stage selection's candidates must leave some of the context out (select_sets_at's shapes).
+        # Two-stage selection's candidates leave some of the context out (VerificationPlan.at), as
+        # select_sets_at's shapes need.
         return (policy.name == "sts" and policy.granularity == "kv" and policy.budget >= 1
                 and policy.candidates * policy.budget + policy.sink + policy.window < start
                 and draft_scores is not None and draft_scores.buffer.shape[-1] >= self.bound(start, n))

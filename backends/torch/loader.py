@@ -77,6 +77,8 @@ class TorchModel(BackendModel):
         ids = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, dtype=torch.long, device=self.device)
         if plan is not None and plan.policy.is_dense_at(start):
             plan = None  # the whole context fits the sets: plain dense verification
+        elif plan is not None:
+            plan = plan.at(start)  # a graph is captured for the selection that runs at this length
         if self.graphs is not None and observer is None:
             if self.graphs.accepts(start, len(tokens), plan, draft_scores):
                 # The graph's output buffer is rewritten by its next replay (the next draft step): a copy

@@ -175,8 +175,8 @@ class LayerSets:
             if self.draft_sets is None:
                 self.draft_sets = self._select_draft_sets()
             sets = mapped_sets(self.draft_sets, self.plan.mapping, layer)
-            if policy.candidates == 1:
-                return sets
+            if policy.candidates == 1 or (not on_device and policy.nominations(context) == 1):
+                return sets  # a graph's plan comes with its nominations settled (VerificationPlan.at)
             budget = policy.budget_tokens(self.bound if on_device else context)
             return refine_sets(q, cache_k, context, sets, budget, policy.sink, policy.window)
         budget = policy.budget_tokens(context)
@@ -195,9 +195,5 @@ class LayerSets:
             budget = policy.budget_tokens(self.bound)  # graphs take integer budgets only: the same at any context
             return select_sets_at(self.draft_scores, self.context, self.bound, policy.candidates * budget, policy.sink,
                                   policy.window)
-        nominated = select_sets(self.draft_scores, self.context, policy.candidates * policy.budget_tokens(self.context),
-                                policy.sink, policy.window)
-        if nominated is None:  # the candidates would be the whole context: every position is one
-            everything = torch.arange(self.context, dtype=torch.int32, device=self.draft_scores.device)
-            nominated = everything.expand(*self.draft_scores.shape[:2], self.context)
-        return nominated
+        return select_sets(self.draft_scores, self.context,
+                           policy.nominations(self.context) * policy.budget_tokens(self.context), policy.sink, policy.window)

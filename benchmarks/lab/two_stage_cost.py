@@ -6,8 +6,9 @@
 cpu: the target's verification of a block of 3 (gamma 2, the CPU default) after 4096 tokens of
 Emma, budget 256, with candidates 1, 4 and 8, alternating, median of the runs after the first.
 gpu: one layer's second stage (8 KV heads of 4 query heads, a block of 5, head_dim 128, budget 512,
-x4: 2,116 nominees per KV head) replayed in a CUDA graph, each kernel alone and the whole, and the
-same in PyTorch ops; microseconds per call (scripts/bench_kernels.time_graph).
+--candidates x budget nominees per KV head beside sink and window) replayed in a CUDA graph, each
+kernel alone and the whole, and the same in PyTorch ops; microseconds per call
+(scripts/bench_kernels.time_graph).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def cpu_cost(repeats: int = 6) -> dict:
             "verify_ms": {f"x{k}": {"median": statistics.median(v[1:]), "runs": v} for k, v in times.items()}}
 
 
-def gpu_cost() -> dict:
+def gpu_cost(k: int) -> dict:
     import torch
     import triton
 
@@ -66,7 +67,7 @@ def gpu_cost() -> dict:
         return time_graph([fn])
 
     torch.manual_seed(0)
-    units, group, n, head_dim, context, budget, k = 8, 4, 5, 128, 131072, 512, 4
+    units, group, n, head_dim, context, budget = 8, 4, 5, 128, 131072, 512
     q = torch.randn(units * group, n, head_dim, device="cuda", dtype=torch.bfloat16)
     cache_k = torch.randn(units, context + 16, head_dim, device="cuda", dtype=torch.bfloat16)
     middle = torch.randperm(context - 68, device="cuda")[: k * budget].to(torch.int32) + 4
@@ -91,8 +92,8 @@ def gpu_cost() -> dict:
         mass.stride(0), m, N=n, HEADS_PER_UNIT=group, QP=queries, SP=triton.next_power_of_2(splits + 1),
         ROWS=two_stage.ROWS)
     keep = {warps: (lambda w=warps: two_stage._keep_kernel[(units,)](
-        mass, nominated, at, out, mass.stride(0), nominated.stride(0), out.stride(0), m, budget, 4, 64,
-        MP=triton.next_power_of_2(m), START_IN_MEMORY=True, num_warps=w)) for warps in (1, 2, 4, 8, 16, 32)}
+        mass, nominated, out, mass.stride(0), nominated.stride(0), out.stride(0), m, budget, 4, 64,
+        MP=triton.next_power_of_2(m - 68), FP=64, num_warps=w)) for warps in (1, 2, 4, 8, 16, 32)}
     scores(), masses()
     kernel = selection.refine_sets_kernel
     selection.refine_sets_kernel = None  # the PyTorch-ops path
@@ -109,9 +110,10 @@ def gpu_cost() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("where", choices=("cpu", "gpu"))
+    parser.add_argument("--candidates", default="4", help="gpu: nominations per budget token, comma separated")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = cpu_cost() if args.where == "cpu" else gpu_cost()
+    result = cpu_cost() if args.where == "cpu" else {f"x{k}": gpu_cost(int(k)) for k in args.candidates.split(",")}
     from importlib.metadata import version
 
     header = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor()}
