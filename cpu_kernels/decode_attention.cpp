@@ -163,19 +163,19 @@ void fold_scores(const Probability& probability, const Keys& keys, int64_t heads
   });
 }
 
+// Passes 1 and 2: each unit's query rows' probabilities over the keys they see, [units, rows,
+// padded] with padded = the keys rounded up to whole chunks (zero beyond what a row sees). Row r of
+// a unit is query head r / n of its group at block row r % n.
 template <typename T>
-void attend(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v, const Keys& keys,
-            float* scores, int64_t score_stride, bool score_max, bool score_per_head, at::Tensor& out) {
+std::vector<float> probabilities(const at::Tensor& q, const at::Tensor& cache_k, const Keys& keys) {
   const int64_t heads = q.size(0), n = q.size(1), head_dim = q.size(2);
   const int64_t group = heads / keys.units, rows = group * n;  // query rows per unit
   const int64_t chunks = (keys.length + kChunk - 1) / kChunk, padded = chunks * kChunk;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const T* qp = q.data_ptr<T>();
   const T* kp = cache_k.data_ptr<T>();
-  const T* vp = cache_v.data_ptr<T>();
   const int64_t kv_stride = cache_k.stride(0), row_stride = cache_k.stride(1);
-  // Row r of a unit is query head r / n of its group at block row r % n; it sees `seen(r)` keys.
-  auto seen = [&](int64_t r) { return keys.length - n + r % n + 1; };
+  auto seen = [&](int64_t r) { return keys.length - n + r % n + 1; };  // keys row r sees
 
   // Query rows in float32, [units, rows, head_dim].
   std::vector<float> queries(keys.units * rows * head_dim);
@@ -233,6 +233,19 @@ void attend(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& ca
       for (int64_t j = 0; j < padded; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inverse));
     }
   });
+  return logits;
+}
+
+template <typename T>
+void attend(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v, const Keys& keys,
+            float* scores, int64_t score_stride, bool score_max, bool score_per_head, at::Tensor& out) {
+  const int64_t heads = q.size(0), n = q.size(1), head_dim = q.size(2);
+  const int64_t rows = heads / keys.units * n;  // query rows per unit
+  const int64_t chunks = (keys.length + kChunk - 1) / kChunk, padded = chunks * kChunk;
+  const T* vp = cache_v.data_ptr<T>();
+  const int64_t kv_stride = cache_v.stride(0), row_stride = cache_v.stride(1);
+  auto seen = [&](int64_t r) { return keys.length - n + r % n + 1; };
+  std::vector<float> logits = probabilities<T>(q, cache_k, keys);  // now probabilities
 
   if (scores != nullptr) {
     fold_scores([&](int64_t u, int64_t r, int64_t j) { return logits[(u * rows + r) * padded + j]; }, keys, heads, n,
@@ -520,10 +533,52 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache_k, cons
   return out;
 }
 
+// Two-stage selection's second stage (mask.candidate_attention is the reference): per unit, the
+// attention mass its query rows put on each nominated row, from their causal softmax over the
+// nominees and the block (passes 1 and 2 above, no values read); float32 [units, nominees].
+at::Tensor candidate_mass(const at::Tensor& q, const at::Tensor& cache_k, int64_t start, const at::Tensor& nominated) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [heads, n, head_dim]");
+  TORCH_CHECK(cache_k.dim() == 3 && cache_k.stride(2) == 1, "cache_k must be [kv_heads, capacity, head_dim], rows contiguous");
+  TORCH_CHECK(q.scalar_type() == cache_k.scalar_type(), "q and the cache must have one dtype");
+  const int64_t heads = q.size(0), n = q.size(1), head_dim = q.size(2), kv_heads = cache_k.size(0);
+  TORCH_CHECK(cache_k.size(2) == head_dim && head_dim % 8 == 0, "head_dim must be a multiple of 8 and match the cache");
+  TORCH_CHECK(n >= 1 && n <= kMaxRows, "a decode-sized block has 1 to ", kMaxRows, " rows, got ", n);
+  TORCH_CHECK(start >= 0 && start + n <= cache_k.size(1), "the block does not fit the cache");
+  TORCH_CHECK(nominated.dim() == 2 && nominated.scalar_type() == at::kLong && nominated.is_contiguous(),
+              "nominated must be contiguous int64 [units, m]");
+  const int64_t units = nominated.size(0), m = nominated.size(1);
+  TORCH_CHECK(units % kv_heads == 0 && heads % units == 0, "nominated sets must be per KV head or per query head group");
+  if (nominated.numel() > 0) {
+    TORCH_CHECK(nominated.min().item<int64_t>() >= 0 && nominated.max().item<int64_t>() < start,
+                "nominated rows must be in [0, start)");
+  }
+  const Keys keys{units, units / kv_heads, m + n, m, start, nominated.data_ptr<int64_t>()};
+  std::vector<float> probs;
+  switch (q.scalar_type()) {
+    case at::kFloat: probs = probabilities<float>(q, cache_k, keys); break;
+    case at::kBFloat16: probs = probabilities<at::BFloat16>(q, cache_k, keys); break;
+    case at::kHalf: probs = probabilities<at::Half>(q, cache_k, keys); break;
+    default: TORCH_CHECK(false, "q must be float32, bfloat16 or float16");
+  }
+  const int64_t rows = heads / units * n, padded = probs.size() / (units * rows);
+  at::Tensor mass = at::zeros({units, m}, q.options().dtype(at::kFloat));
+  float* out = mass.data_ptr<float>();
+  at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
+    for (int64_t u = first; u < last; ++u)
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* p = &probs[(u * rows + r) * padded];
+        for (int64_t j = 0; j < m; ++j) out[u * m + j] += p[j];
+      }
+  });
+  return mass;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sts_edge_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor cache_k, Tensor cache_v, int start, Tensor? indices=None, "
         "Tensor? scores=None, bool score_max=True, bool score_per_head=False, bool amx=True) -> Tensor");
   m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
+  m.def("candidate_mass(Tensor q, Tensor cache_k, int start, Tensor nominated) -> Tensor");
+  m.impl("candidate_mass", c10::DispatchKey::CPU, TORCH_FN(candidate_mass));
 }

@@ -1,5 +1,6 @@
 """The CPU kernels (affine_matmul.cpp: products with mlx-lm's affine-quantized weights;
-decode_attention.cpp: attention of decode-sized blocks over the KV cache), compiled on first use.
+decode_attention.cpp: attention of decode-sized blocks over the KV cache, and two-stage
+selection's masses), compiled on first use.
 
 PyTorch builds it with the host's C++ compiler into its extensions cache (TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions) once per machine and PyTorch version; later processes load the
@@ -71,6 +72,13 @@ def attention_kernel():
     if os.environ.get("STS_EDGE_CPU_ATTENTION", "1") == "0" or kernel() is None:
         return None
     return torch.ops.sts_edge_cpu.decode_attention
+
+
+@functools.cache
+def candidate_mass_kernel():
+    """torch.ops.sts_edge_cpu.candidate_mass(q, cache_k, start, nominated): two-stage selection's
+    masses, where attention_kernel() is available (its passes without the values), else None."""
+    return None if attention_kernel() is None else torch.ops.sts_edge_cpu.candidate_mass
 
 
 def unavailable_reason() -> str | None:

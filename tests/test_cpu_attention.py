@@ -119,6 +119,25 @@ def test_a_blocks_rows_get_the_single_steps_bits(decode_attention, dtype, amx):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity, n, head_dim", [("kv", 5, 64), ("kv", 1, 128), ("query", 3, 64), ("kv", 16, 40)])
+def test_candidate_mass_is_the_references(decode_attention, dtype, granularity, n, head_dim):
+    """Two-stage selection's masses, the kernel's and PyTorch ops', against mask.candidate_attention
+    in float64, over 150 nominees (so several chunks and a ragged last one) of a 400-token context."""
+    from sts_edge.mask import candidate_attention
+
+    heads, kv_heads, start = 8, 2, 400
+    q, k, _ = random_case(heads, kv_heads, head_dim, n, start, dtype, seed=n + head_dim)
+    units = kv_heads if granularity == "kv" else heads
+    nominated = random_sets(units, start, 150, seed=n)
+    from sts_edge.backends.torch.selection import candidate_mass  # the PyTorch-ops path, used off the CPU kernel
+
+    want = candidate_attention(q.double().numpy(), k.double().numpy(), start, nominated.numpy(), granularity)
+    want = np.take_along_axis(want, nominated.numpy(), axis=-1)
+    for got in (torch.ops.sts_edge_cpu.candidate_mass(q, k, start, nominated), candidate_mass(q, k, start, nominated)):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_arguments_are_refused(decode_attention):
     q, k, v = random_case(4, 2, 64, 3, 50, torch.float32, seed=8)
     with pytest.raises(RuntimeError, match="1 to 16 rows"):
@@ -133,6 +152,13 @@ def test_bad_arguments_are_refused(decode_attention):
         decode_attention(q, k, v, 50, torch.tensor([[0, 1], [1, 2], [2, 3]]))
     with pytest.raises(RuntimeError, match="one row per KV head"):
         decode_attention(q, k, v, 50, None, torch.zeros(3, k.shape[1]))
+    candidate_mass = torch.ops.sts_edge_cpu.candidate_mass
+    with pytest.raises(RuntimeError, match=r"\[0, start\)"):
+        candidate_mass(q, k, 50, torch.tensor([[0, 50], [1, 2]]))
+    with pytest.raises(RuntimeError, match="per KV head or per query head"):
+        candidate_mass(q, k, 50, torch.tensor([[0, 1], [1, 2], [2, 3]]))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        candidate_mass(q.double(), k, 50, torch.tensor([[0, 1], [1, 2]]))
 
 
 def test_the_attention_kernel_can_be_turned_off(monkeypatch):

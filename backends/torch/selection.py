@@ -17,6 +17,8 @@ import torch
 
 from sts_edge.mask import LayerHeadMap, VerificationPlan
 
+from sts_edge.cpu_kernels.extension import candidate_mass_kernel
+
 try:  # the GPU's second stage of two-stage selection (Triton); the torch ops below are its reference
     from sts_edge.triton_kernels.two_stage import MAX_NOMINATED, refine_sets_kernel
 except ImportError:
@@ -75,26 +77,38 @@ def refine_sets(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Ten
     softmax over the nominated rows and the block; sorted int32 [units, budget + sink + window].
     q [heads, n, head_dim] at positions context..; cache_k [kv_heads, >= context + n, head_dim];
     `context` may be a one-element device tensor (a CUDA graph)."""
-    heads, n, head_dim = q.shape
-    kv_heads = cache_k.shape[0]
-    count, m = nominated.shape
-    device = q.device
+    n, head_dim = q.shape[1:]
+    m = nominated.shape[1]
     if (refine_sets_kernel is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and cache_k.dtype == q.dtype and head_dim in (64, 128) and m <= MAX_NOMINATED):
         return refine_sets_kernel(q, cache_k, context, nominated, budget, sink, window)
+    if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.dtype == cache_k.dtype
+            and head_dim % 8 == 0 and n <= 16 and cache_k.stride(-1) == 1 and candidate_mass_kernel() is not None):
+        # cpu_kernels/decode_attention.cpp: one pass over the nominees' keys, not twenty PyTorch ops
+        mass = candidate_mass_kernel()(q.contiguous(), cache_k, int(context), nominated.long().contiguous())
+    else:
+        mass = candidate_mass(q, cache_k, context, nominated)
+    forced = (nominated < sink) | (nominated >= context - window)
+    top = mass.masked_fill(forced, float("-inf")).topk(budget, dim=-1, sorted=False).indices
+    window_rows = context - window + torch.arange(window, dtype=torch.int32, device=q.device)
+    return _merge(nominated.gather(1, top).to(torch.int32), sink, window_rows)
+
+
+def candidate_mass(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Tensor, nominated: torch.Tensor) -> torch.Tensor:
+    """float32 [units, m]: the mass the block's queries (a unit's) put on each nominated row, from
+    their causal softmax over the nominees and the block, in PyTorch ops."""
+    heads, n, head_dim = q.shape
+    kv_heads = cache_k.shape[0]
+    count, m = nominated.shape
     queries = q.float().reshape(kv_heads, -1, head_dim) if count == kv_heads else q.float()  # [units, queries, d]
-    kv_of_unit = torch.arange(count, device=device) * kv_heads // count
-    block = context + torch.arange(n, device=device)
+    kv_of_unit = torch.arange(count, device=q.device) * kv_heads // count
+    block = context + torch.arange(n, device=q.device)
     rows = torch.cat((nominated.long(), block.long().expand(count, n)), dim=1)  # [units, m + n]
     keys = cache_k[kv_of_unit[:, None], rows].float()
     logits = queries @ keys.transpose(1, 2) * head_dim**-0.5  # [units, queries, m + n]
     positions = block.repeat(queries.shape[1] // n)
     causal = rows[:, None, :] <= positions[None, :, None]
-    mass = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)[..., :m].sum(dim=1)  # [units, m]
-    forced = (nominated < sink) | (nominated >= context - window)
-    top = mass.masked_fill(forced, float("-inf")).topk(budget, dim=-1, sorted=False).indices
-    window_rows = context - window + torch.arange(window, dtype=torch.int32, device=device)
-    return _merge(nominated.gather(1, top).to(torch.int32), sink, window_rows)
+    return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)[..., :m].sum(dim=1)
 
 
 def csr_offsets(units: int, keep: int, device: torch.device) -> torch.Tensor:
