@@ -92,7 +92,7 @@ def add_policy_arguments(parser: argparse.ArgumentParser, default_policy: str = 
                        help="sts only. 1: the draft's top budget tokens are the sets; N > 1: two-stage selection, the "
                        "draft nominates N x budget tokens and the target's own attention over them keeps the budget's "
                        "best (reads the candidates' keys, only the kept tokens' values; closer to the target's own choice). "
-                       "Where N x budget would be the whole context, the draft's top budget stands")
+                       "Where N x budget would be the whole context, the draft nominates the most that leave some out")
     group.add_argument("--calibration", default="auto",
                        help="calibration file from python -m sts_edge.calibrate; 'auto' finds the pair's own, 'none' ignores it")
 

@@ -100,11 +100,12 @@ class MaskPolicy:
         return min(self.budget_tokens(context) + self.sink + self.window, context)
 
     def nominations(self, context: int) -> int:
-        """Two-stage selection's nominations per budget token after `context` tokens: `candidates`
-        where the nominees leave some of the context out, else 1 (a second stage over every key
-        would cost what dense attention does, and no fixed-shape CUDA graph holds it)."""
-        nominated = self.candidates * self.budget_tokens(context) + self.sink + self.window
-        return self.candidates if nominated < context else 1
+        """Two-stage selection's nominations per budget token after `context` tokens: `candidates`,
+        or fewer where the nominees would not leave some of the context out (the most that do, at
+        least 1): a second stage over every key would cost what dense attention does, and no
+        fixed-shape CUDA graph holds it."""
+        room = (context - self.sink - self.window - 1) // self.budget_tokens(context)
+        return max(1, min(self.candidates, room))
 
     def nominated_tokens(self, context: int) -> int:
         """Entries of the draft's candidate sets under two-stage selection (sink and window included)."""
@@ -245,8 +246,8 @@ class VerificationPlan:
         return self.policy.is_dense_at(context) or layer in self.policy.dense_layers
 
     def at(self, context: int) -> "VerificationPlan":
-        """This plan as it runs after `context` tokens: two-stage selection stands down where its
-        nominees would cover the context (MaskPolicy.nominations)."""
+        """This plan as it runs after `context` tokens: two-stage selection nominates fewer where
+        its nominees would cover the context (MaskPolicy.nominations)."""
         nominations = self.policy.nominations(context)
         return self if nominations == self.policy.candidates else replace(self, policy=replace(self.policy, candidates=nominations))
 
