@@ -376,7 +376,7 @@ def _two_rounds(target_dir, draft_dir, backend, dtype, draft_kv_bits: int = 16, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the model routes attention to the kernels on a GPU only")
-@pytest.mark.parametrize("draft_kv_bits, candidates", [(16, 1), (8, 1), (16, 3)])
+@pytest.mark.parametrize("draft_kv_bits, candidates", [(16, 1), (8, 1), (16, 3), (16, 9)])
 def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch, draft_kv_bits, candidates):
     """Draft scores, device selection and sparse verification through the kernels, replayed as
     CUDA graphs, then eagerly, against the same model with kernels and graphs off (plain paths;
@@ -389,7 +389,8 @@ def test_model_on_gpu_gives_the_plain_paths_logits(make_model, monkeypatch, draf
     the context; and not 4 bits, where a level is a fifteenth of the group's range and the runs
     drift apart by design. test_kernels_read_quantized_caches_as_the_rows_they_decode_to checks
     the kernels on 4- and 8-bit rows exactly, tests/test_layer_ops.py the quantized write. With
-    two-stage selection (candidates 3) the second stage runs inside the verification graph."""
+    two-stage selection (candidates 3) the second stage runs inside the verification graph; with 9,
+    whose nominees would cover the 180-token context, the graph holds seven per budget token."""
     import sts_edge.backends.torch.model as torch_model
 
     target_dir = make_model("llama3", head_dim=64, num_hidden_layers=3)
