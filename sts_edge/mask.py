@@ -249,7 +249,9 @@ class VerificationPlan:
         """This plan as it runs after `context` tokens: two-stage selection nominates fewer where
         its nominees would cover the context (MaskPolicy.nominations)."""
         nominations = self.policy.nominations(context)
-        return self if nominations == self.policy.candidates else replace(self, policy=replace(self.policy, candidates=nominations))
+        if nominations == self.policy.candidates:
+            return self
+        return replace(self, policy=replace(self.policy, candidates=nominations))
 
     def for_draft(self, draft: ModelConfig) -> "VerificationPlan | None":
         """With sparse drafting, the plan of the draft's own steps after a round's first: the same

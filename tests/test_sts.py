@@ -269,8 +269,8 @@ def test_two_stage_selection_meets_the_contract(backend, granularity, context, b
     check_sets(want, context, policy)
     nominations = policy.nominations(context)  # the last case: 6 x 20 + 10 would be every position, 5 x 20 + 10 not
     assert plan.at(context).policy.candidates == nominations == (5 if context == 120 else candidates)
-    nominated = reference_sets(VerificationPlan(dataclasses.replace(
-        policy, candidates=1, budget=nominations * policy.budget_tokens(context)), mapping), 1, context, units, scores=draft_scores)
+    nominating = dataclasses.replace(policy, candidates=1, budget=nominations * policy.budget_tokens(context))
+    nominated = reference_sets(VerificationPlan(nominating, mapping), 1, context, units, scores=draft_scores)
     assert all(set(row) <= set(nom) for row, nom in zip(want.tolist(), nominated.tolist()))
     one_stage = reference_sets(VerificationPlan(dataclasses.replace(policy, candidates=1), mapping), 1, context, units,
                                scores=draft_scores)
@@ -324,7 +324,7 @@ def test_sets_used_in_real_generation_are_valid(backend, name, model_dirs, draft
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_stage_nominates_fewer_where_its_nominees_would_cover_the_context(backend, model_dirs, draft_dir, monkeypatch):
+def test_two_stage_nominates_fewer_where_nominees_would_cover_the_context(backend, model_dirs, draft_dir, monkeypatch):
     """The first round after a 120-token prompt, budget 24 + sink 2 + window 8: five nominations per
     token (130 rows) would be every position, so the draft nominates four (106 rows), and the sets
     are those of asking for four; they are not the one-stage sets."""

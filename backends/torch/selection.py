@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sts_edge.mask import LayerHeadMap, VerificationPlan
-
 from sts_edge.cpu_kernels.extension import candidate_mass_kernel
+from sts_edge.mask import LayerHeadMap, VerificationPlan
 
 try:  # the GPU's second stage of two-stage selection (Triton); the torch ops below are its reference
     from sts_edge.triton_kernels.two_stage import MAX_NOMINATED, refine_sets_kernel
@@ -82,8 +81,9 @@ def refine_sets(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Ten
     if (refine_sets_kernel is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and cache_k.dtype == q.dtype and head_dim in (64, 128) and m <= MAX_NOMINATED):
         return refine_sets_kernel(q, cache_k, context, nominated, budget, sink, window)
-    if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.dtype == cache_k.dtype
-            and head_dim % 8 == 0 and n <= 16 and cache_k.stride(-1) == 1 and candidate_mass_kernel() is not None):
+    if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and cache_k.dtype == q.dtype and head_dim % 8 == 0 and n <= 16 and cache_k.stride(-1) == 1
+            and candidate_mass_kernel() is not None):
         # cpu_kernels/decode_attention.cpp: one pass over the nominees' keys, not twenty PyTorch ops
         mass = candidate_mass_kernel()(q.contiguous(), cache_k, int(context), nominated.long().contiguous())
     else:
@@ -94,7 +94,8 @@ def refine_sets(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Ten
     return _merge(nominated.gather(1, top).to(torch.int32), sink, window_rows)
 
 
-def candidate_mass(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Tensor, nominated: torch.Tensor) -> torch.Tensor:
+def candidate_mass(q: torch.Tensor, cache_k: torch.Tensor, context: int | torch.Tensor,
+                   nominated: torch.Tensor) -> torch.Tensor:
     """float32 [units, m]: the mass the block's queries (a unit's) put on each nominated row, from
     their causal softmax over the nominees and the block, in PyTorch ops."""
     heads, n, head_dim = q.shape
@@ -209,5 +210,5 @@ class LayerSets:
             budget = policy.budget_tokens(self.bound)  # graphs take integer budgets only: the same at any context
             return select_sets_at(self.draft_scores, self.context, self.bound, policy.candidates * budget, policy.sink,
                                   policy.window)
-        return select_sets(self.draft_scores, self.context,
-                           policy.nominations(self.context) * policy.budget_tokens(self.context), policy.sink, policy.window)
+        nominated = policy.nominations(self.context) * policy.budget_tokens(self.context)
+        return select_sets(self.draft_scores, self.context, nominated, policy.sink, policy.window)
