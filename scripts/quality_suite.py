@@ -195,6 +195,22 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def readme_table(record: dict, context: int) -> str:
+    """The README's quality table for one context of a suite record: attention-mass recall /
+    perplexity per policy (rows) and budget (columns), beside dense's perplexity."""
+    entry = next(c for c in record["contexts"] if c["context"] == context)
+    rows = entry["perplexity_recall"]
+    dense = next(r["perplexity"] for r in rows if r["policy"] == "dense-reference")
+    scored = [r for r in rows if r["policy"] not in ("dense", "dense-reference") and r["budget"].isdigit()]
+    budgets = sorted({r["budget_tokens"] for r in scored})
+    lines = [f"{context} tokens, dense perplexity {dense:.2f}; attention-mass recall / perplexity:", "",
+             "| scored tokens per set | " + " | ".join(map(str, budgets)) + " |", "|---|" + "---|" * len(budgets)]
+    for name in dict.fromkeys(r["policy"] for r in scored):
+        cells = {r["budget_tokens"]: f"{r['recall']:.2f} / {r['perplexity']:.1f}" for r in scored if r["policy"] == name}
+        lines.append(f"| {name} | " + " | ".join(cells.get(b, "") for b in budgets) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_TARGET)
@@ -217,7 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="torch-cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/quality_cpu.json")
+    parser.add_argument("--table", metavar="RESULTS_JSON",
+                        help="print the README's recall / perplexity table of every context in a results file, and exit")
     args = parser.parse_args(argv)
+
+    if args.table:
+        record = json.loads(Path(args.table).read_text())
+        print("\n\n".join(readme_table(record, c["context"]) for c in record["contexts"] if "perplexity_recall" in c))
+        return 0
 
     if not 1 <= args.questions <= len(PLACES):
         parser.error(f"--questions must be between 1 and {len(PLACES)}")

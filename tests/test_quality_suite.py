@@ -36,7 +36,7 @@ def test_every_fact_is_planted_once_in_order_at_its_depth(suite, model_dirs):
         assert abs(position / len(body) - (i + 0.5) / len(facts)) < 0.03, i
 
 
-def test_the_suite_asks_every_question_and_continues_several_files(suite, model_dirs, draft_dir, tmp_path):
+def test_the_suite_asks_every_question_and_continues_several_files(suite, model_dirs, draft_dir, tmp_path, capsys):
     out = tmp_path / "quality.json"
     argv = ["--model", str(model_dirs["llama3"]), "--draft", str(draft_dir), "--contexts", "600", "--budgets", "16",
             "--gen-budgets", "16", "--policies", "sts,streaming", "--sink", "2", "--window", "8", "--eval-tokens", "20",
@@ -52,6 +52,12 @@ def test_the_suite_asks_every_question_and_continues_several_files(suite, model_
     dense = next(row for row in entry["code"] if row["config"] == "dense")
     assert dense["files"] == 2 and dense["agreement"] == 1.0  # the reference is dense's own continuation
     assert all(row["files"] == 2 and 0 <= row["agreement"] <= 1 for row in entry["code"])
+    capsys.readouterr()
+    assert suite.main(["--table", str(out)]) == 0  # the README's table, from the file alone
+    table = capsys.readouterr().out.splitlines()
+    for row in entry["perplexity_recall"]:
+        if row["policy"] in ("sts", "sts x3", "streaming"):
+            assert f"| {row['policy']} | {row['recall']:.2f} / {row['perplexity']:.1f} |" in table
 
 
 def test_bad_counts_are_refused(suite):
