@@ -29,7 +29,7 @@ import platform
 import random
 import sys
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +195,21 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def device_name(backend: str) -> str:
+    if backend == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def installed_version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # run from a source tree laid out by scripts/device_path.sh
+        return "source tree"
+
+
 def readme_table(record: dict, context: int) -> str:
     """The README's quality table for one context of a suite record: attention-mass recall /
     perplexity per policy (rows) and budget (columns), beside dense's perplexity."""
@@ -266,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "date": datetime.date.today().isoformat(), "device": f"CPU ({platform.processor() or platform.machine()})",
+        "date": datetime.date.today().isoformat(), "device": device_name(engine.backend),
         "machine": platform.platform(), "backend": engine.backend, "model": str(args.model), "draft": str(args.draft),
         "gamma": 4, "sink": args.sink, "window": args.window, "eval_tokens": args.eval_tokens,
         "questions": args.questions, "code_files": args.code_files,
         "calibrated_rows": calibration is not None,
-        "versions": {p: version(p) for p in ("sts-edge", "torch", "numpy")},
+        "versions": {p: installed_version(p) for p in ("sts-edge", "torch", "numpy")},
         "contexts": [],
     }
     for context in contexts:
