@@ -53,7 +53,10 @@ class MaskPolicy:
     drafting: str = "dense"  # "sparse": the cheaper drafting pass (DRAFTING above); other policies ignore it
     # sts: the draft nominates candidates x budget positions and the block's own attention over them
     # keeps the budget's best (1: the draft's top budget, as nominated). Other policies ignore it.
-    candidates: int = 1
+    # 4: most of the way from the draft's choice to the target's own (benchmarks/README.md, quality
+    # section) for about a tenth of what sparse verification saves at 128K; 8 gains a little
+    # more recall for half as much again.
+    candidates: int = 4
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:

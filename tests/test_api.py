@@ -101,7 +101,7 @@ def test_generate_cli_reports_sparsity(model_dirs, draft_dir):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "sparse verification (sts)" in result.stderr and "gamma 3" in result.stderr
+    assert "sparse verification (sts, two-stage x4)" in result.stderr and "gamma 3" in result.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "sts_edge.generate", "--model", str(model_dirs["llama3"]), "--prompt", "x", "--budget", "lots"],
         capture_output=True, text=True, timeout=300,

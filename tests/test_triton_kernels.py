@@ -261,6 +261,41 @@ def test_two_stage_kernel_keeps_the_references_best_candidates(dtype, granularit
                                    rtol=1e-3)
 
 
+@pytest.mark.parametrize("spread", ["one_high_byte", "many_octaves", "ties", "small_and_zero"])
+def test_two_stage_keep_kernel_matches_numpy_top_budget(spread):
+    """The keep kernel's radix select against select_indices, on masses it ranks exactly (float32
+    with 11 mantissa bits, within 2^-30 of the largest, distinct), so the reference's choice is
+    the only right one; and on equal masses, where ties go to the earliest rows."""
+    from sts_edge.triton_kernels.two_stage import keep_heaviest
+
+    units, sink, window, budget, middle = 3, 4, 16, 70, 1000
+    generator = np.random.default_rng(len(spread))
+    keys = {"one_high_byte": lambda: 0x6000 + generator.permutation(256)[:200],
+            "many_octaves": lambda: generator.permutation(30 << 11)[:middle],
+            "ties": lambda: np.full(middle, 0x1234),
+            "small_and_zero": lambda: np.concatenate((generator.permutation(3000)[:500], np.zeros(middle - 500, int)))}
+    mass, nominated = [], []
+    for _ in range(units):
+        key = keys[spread]()
+        # a key k is the float whose bits are k << 12 above the floor 2^-30 below the unit's top
+        bits = ((127 - 40) << 23) + (key.astype(np.int64) << 12)
+        if spread == "small_and_zero":
+            bits = np.where(key > 0, bits, 0)  # exact zeros, as masked candidates are
+        rows = np.sort(generator.permutation(np.arange(sink, 5000))[: len(key)])
+        unit_rows = np.concatenate((np.arange(sink), rows, 5000 + np.arange(window)))
+        unit_mass = np.concatenate((np.zeros(sink), bits.astype(np.int32).view(np.float32), np.zeros(window)))
+        nominated.append(unit_rows), mass.append(unit_mass)
+    nominated = torch.tensor(np.stack(nominated), dtype=torch.int32, device=DEVICE)
+    mass = torch.tensor(np.stack(mass), dtype=torch.float32, device=DEVICE)
+    got = keep_heaviest(mass, nominated, budget, sink, window).cpu().numpy()
+    if spread == "ties":
+        picked = np.broadcast_to(np.concatenate((np.arange(sink), sink + np.arange(budget))), (units, budget + sink))
+        want = np.concatenate((picked, np.broadcast_to(np.arange(-window, 0) + nominated.shape[1], (units, window))), 1)
+    else:
+        want = select_indices(mass.cpu().numpy(), budget + sink + window, sink, window)
+    np.testing.assert_array_equal(got, np.take_along_axis(nominated.cpu().numpy(), want, axis=1))
+
+
 def test_selected_sets_feed_the_kernel():
     """Selection and verification together equal attention over the chosen rows."""
     heads, kv_heads, head_dim, n, start = 8, 2, 64, 5, 200
@@ -339,7 +374,8 @@ def test_layer_sets_select_the_reference_sets_from_device_scores():
                                    "vocab_size": 100})
     mapping = LayerHeadMap.proportional(target, draft, "kv")
     mapping.head_map[1] = [1, 0]  # a crossed head map, as calibration can produce
-    plan = VerificationPlan(MaskPolicy("sts", budget=20, sink=2, window=8), mapping)
+    # one stage: the mapped draft sets themselves (the second stage would read the unused q and keys)
+    plan = VerificationPlan(MaskPolicy("sts", budget=20, sink=2, window=8, candidates=1), mapping)
     scores = np.random.default_rng(0).random((3, 2, 120)).astype(np.float32)
     on_device = LayerSets(plan, 120, 2, torch.from_numpy(scores).to(DEVICE))
     unused = torch.zeros(1)

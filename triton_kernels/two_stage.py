@@ -68,7 +68,8 @@ def _scores_kernel(Q, K, Nominated, Start, Logits, PartMax, PartSum,
     total = tl.sum(tl.math.exp2(logits - top[:, None]), axis=1)
     tl.store(PartMax + unit * stride_pu + split * stride_ps + j, top)
     tl.store(PartSum + unit * stride_pu + split * stride_ps + j, total)
-    tl.store(Logits + unit * stride_lu + j[:, None] * stride_lq + slot[None, :], logits, mask=candidate[None, :])
+    tl.store(Logits + unit * stride_lu + j[:, None] * stride_lq + slot[None, :], logits,
+             mask=live_q[:, None] & candidate[None, :])  # padding queries are neither written nor read
 
 
 @triton.jit
@@ -90,9 +91,9 @@ def _mass_kernel(Logits, PartMax, PartSum, Mass, stride_lu, stride_lq, stride_pu
     lse = top + tl.math.log2(tl.maximum(total, 1e-30))  # [QP]; the floor keeps padding queries finite
     slot = split * ROWS + tl.arange(0, ROWS)
     live_r = slot < m
-    logits = tl.load(Logits + unit * stride_lu + j[:, None] * stride_lq + slot[None, :], mask=live_r[None, :],
-                     other=float("-inf"))
     live_q = j < HEADS_PER_UNIT * N
+    logits = tl.load(Logits + unit * stride_lu + j[:, None] * stride_lq + slot[None, :],
+                     mask=live_q[:, None] & live_r[None, :], other=float("-inf"))
     p = tl.where(live_q[:, None], tl.math.exp2(logits - lse[:, None]), 0.0)
     tl.store(Mass + unit * stride_mu + slot, tl.sum(p, axis=0), mask=live_r)
 
@@ -118,17 +119,33 @@ def _keep_kernel(Mass, Nominated, Out, stride_mu, stride_nu, stride_ou, m, budge
     # count(key >= low) >= budget > count(key >= high) throughout.
     low = tl.full([], 0, tl.int32)
     high = tl.max(key, axis=0) + 1
+    above_high = tl.full([], 0, tl.int32)  # count(key >= high)
     while high - low > 1:
-        mid = low + (high - low) // 2
-        if tl.sum((key >= mid).to(tl.int32), axis=0) >= budget:
-            low = mid
+        third = (high - low + 2) // 3
+        t1 = low + third
+        t2 = tl.minimum(t1 + third, high)
+        packed = tl.sum((key >= t1).to(tl.int32) + ((key >= t2).to(tl.int32) << 16), axis=0)
+        c1 = packed & 0xFFFF
+        c2 = packed >> 16
+        if c2 >= budget:
+            low = t2
+        elif c1 >= budget:
+            low = t1
+            high = t2
+            above_high = c2
         else:
-            high = mid
+            high = t1
+            above_high = c1
     above = key > low
     ties = key == low
-    room = budget - tl.sum(above.to(tl.int32), axis=0)
-    keep = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))  # ties by position
-    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    room = budget - above_high  # for the ties at low, earliest first
+    # One scan for both running counts (each below 2^16), where the kept rows' slots would take a
+    # second scan after the ties' one: a kept row's slot is the rows above the threshold so far
+    # plus the ties kept so far.
+    running = tl.cumsum(above.to(tl.int32) + (ties.to(tl.int32) << 16), axis=0)
+    ties_so_far = running >> 16
+    keep = above | (ties & (ties_so_far <= room))
+    slot = (running & 0xFFFF) + tl.minimum(ties_so_far, room) - 1
     tl.store(Out + unit * stride_ou + sink + slot, rows, mask=keep)
 
 
@@ -160,7 +177,6 @@ def refine_sets_kernel(q: torch.Tensor, cache_k: torch.Tensor, start: int | torc
     part_max = torch.empty(units, splits + 1, qp, dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
     mass = torch.empty(units, m, dtype=torch.float32, device=device)
-    out = torch.empty(units, budget + sink + window, dtype=torch.int32, device=device)
     in_memory = isinstance(start, torch.Tensor)
     _scores_kernel[(units, splits + 1)](
         q, cache_k, nominated, start, logits, part_max, part_sum,
@@ -171,6 +187,16 @@ def refine_sets_kernel(q: torch.Tensor, cache_k: torch.Tensor, start: int | torc
     _mass_kernel[(units, splits)](
         logits, part_max, part_sum, mass, logits.stride(0), logits.stride(1), part_max.stride(0), part_max.stride(1),
         mass.stride(0), m, N=n, HEADS_PER_UNIT=heads_per_unit, QP=qp, SP=triton.next_power_of_2(splits + 1), ROWS=ROWS)
+    return keep_heaviest(mass, nominated, budget, sink, window)
+
+
+def keep_heaviest(mass: torch.Tensor, nominated: torch.Tensor, budget: int, sink: int, window: int) -> torch.Tensor:
+    """The third kernel alone: of each unit's nominated rows (int32 [units, m], laid out as in
+    refine_sets_kernel), the sink, the window and the `budget` rows between them with the largest
+    masses (float32 [units, m], non-negative), ranked to one part in 2048, ties by position.
+    Returns sorted int32 [units, budget + sink + window]."""
+    units, m = nominated.shape
+    out = torch.empty(units, budget + sink + window, dtype=torch.int32, device=nominated.device)
     middle = triton.next_power_of_2(m - sink - window)
     _keep_kernel[(units,)](mass, nominated, out, mass.stride(0), nominated.stride(0), out.stride(0), m, budget, sink,
                            window, MP=middle, FP=triton.next_power_of_2(max(sink, window, 1)),
