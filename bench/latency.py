@@ -8,7 +8,8 @@ runtimes people use instead, on the same prompt tokens, greedy; a summary table,
 
 Systems (--systems; "sts-edge" and "mlx-lm" name all of their modes):
   sts-edge:target, sts-edge:dense, sts-edge:sts   our runtime on --backend: the target alone (only
-          the target loaded), dense speculative decoding, and STS (--budget, --gamma, --drafting);
+          the target loaded), dense speculative decoding, and STS (--budget, --gamma, --drafting,
+          --candidates);
   llama.cpp        llama-cpp-python on the target's GGUF (the demo's as shipped, or --gguf); its
                    Python binding has no draft-model speculation, so the target alone;
   transformers     Hugging Face transformers (`generate`, static cache) on the target directory
@@ -145,7 +146,8 @@ def run_sts_edge(method: str, args, contexts: dict[int, list[int]]) -> list[dict
                       max_seq_len=max(contexts) + args.max_tokens + 16, threads=args.threads)
     load_s = time.perf_counter() - started
     options = dict(use_draft=False, policy="dense") if method == "target" else \
-        dict(policy=method, budget=args.budget if method == "sts" else None, drafting=args.drafting)
+        dict(policy=method, budget=args.budget if method == "sts" else None, drafting=args.drafting,
+             candidates=args.candidates)
     if args.gamma is not None and method != "target":
         options["gamma"] = args.gamma
     engine.generate(contexts[min(contexts)][:64], max_tokens=4, **options)  # warm-up: first-call allocations stay out
@@ -348,6 +350,8 @@ def chosen_systems(text: str, parser: argparse.ArgumentParser) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sts_edge.mask import MaskPolicy
+
     parser = argparse.ArgumentParser(prog="python -m sts_edge.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen-coder-1.5b", help="target: alias, directory, or with --synthetic a shape "
@@ -366,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=int, default=256, help="STS tokens per set (default: 256)")
     parser.add_argument("--drafting", choices=("dense", "sparse"), default="dense",
                         help="STS's drafting: sparse reads the draft's own sets after each round's first step (default: dense)")
+    parser.add_argument("--candidates", type=int, default=MaskPolicy.candidates,
+                        help="STS's two-stage selection: the target keeps the budget's best of the draft's top N x budget; "
+                        f"1: the draft's top budget (default: {MaskPolicy.candidates})")
     parser.add_argument("--threads", type=int, default=None, help="threads for every system (default: physical cores)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -404,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
               "models": {"target": {"name": names["target"], "synthetic": args.synthetic},
                          "draft": {"name": names["draft"], "synthetic": args.synthetic}},
               "settings": {"backend": args.backend, "contexts": args.contexts, "max_tokens": args.max_tokens,
-                           "gamma": args.gamma, "budget": args.budget, "drafting": args.drafting, "threads": args.threads,
+                           "gamma": args.gamma, "budget": args.budget, "drafting": args.drafting,
+                           "candidates": args.candidates, "threads": args.threads,
                            "declared_acceptance": args.acceptance},
               "results": []}
     for system in (bar := tqdm(systems, desc="systems", unit="system")):
@@ -422,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         command = [sys.executable, "-m", "sts_edge.bench", "--only", system, "--model", args.model, "--draft", args.draft,
                    "--backend", args.backend, "--contexts", ",".join(map(str, args.contexts)),
-                   "--max-tokens", str(args.max_tokens), "--budget", str(args.budget), "--drafting", args.drafting]
+                   "--max-tokens", str(args.max_tokens), "--budget", str(args.budget), "--drafting", args.drafting,
+                   "--candidates", str(args.candidates)]
         command += ["--synthetic"] if args.synthetic else []
         for name in ("gguf", "gamma", "threads", "acceptance"):
             if getattr(args, name) is not None:

@@ -261,16 +261,16 @@ def test_two_stage_kernel_keeps_the_references_best_candidates(dtype, granularit
                                    rtol=1e-3)
 
 
-@pytest.mark.parametrize("spread", ["one_high_byte", "many_octaves", "ties", "small_and_zero"])
+@pytest.mark.parametrize("spread", ["close_keys", "many_octaves", "ties", "small_and_zero"])
 def test_two_stage_keep_kernel_matches_numpy_top_budget(spread):
-    """The keep kernel's radix select against select_indices, on masses it ranks exactly (float32
-    with 11 mantissa bits, within 2^-30 of the largest, distinct), so the reference's choice is
-    the only right one; and on equal masses, where ties go to the earliest rows."""
+    """The keep kernel's threshold search against select_indices, on masses it ranks exactly
+    (float32 with 11 mantissa bits, within 2^-30 of the largest, distinct), so the reference's
+    choice is the only right one; and on equal masses, where ties go to the earliest rows."""
     from sts_edge.triton_kernels.two_stage import keep_heaviest
 
     units, sink, window, budget, middle = 3, 4, 16, 70, 1000
     generator = np.random.default_rng(len(spread))
-    keys = {"one_high_byte": lambda: 0x6000 + generator.permutation(256)[:200],
+    keys = {"close_keys": lambda: 0x6000 + generator.permutation(256)[:200],
             "many_octaves": lambda: generator.permutation(30 << 11)[:middle],
             "ties": lambda: np.full(middle, 0x1234),
             "small_and_zero": lambda: np.concatenate((generator.permutation(3000)[:500], np.zeros(middle - 500, int)))}

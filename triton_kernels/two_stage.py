@@ -12,7 +12,7 @@ kernels per layer, each a few microseconds however little it reads; here it is t
      own rows (they enter the softmax's normaliser, not the selection);
   2. mass: the same grid merges the partial sums into each query's log-sum-exp and writes each
      candidate's mass;
-  3. keep: one program per unit finds the budget's threshold by bisection on the masses' bits
+  3. keep: one program per unit finds the budget's threshold by a search on the masses' bits
      (non-negative floats order as their bit patterns; ranked to one part in 2048), then compacts
      the rows between the sink and the window to those at or above it (ties by position): the
      output stays sorted, as the attention kernels need, with no sort.
@@ -112,10 +112,12 @@ def _keep_kernel(Mass, Nominated, Out, stride_mu, stride_nu, stride_ou, m, budge
     bits = tl.maximum(tl.load(Mass + unit * stride_mu + sink + i, mask=live, other=0.0), 0.0).to(tl.int32, bitcast=True)
     # Non-negative floats order as their bit patterns. The key drops the low KEY_SHIFT mantissa bits
     # and all below 2^-FLOOR_OCTAVES of the unit's largest mass: a ranking finer than bf16 keys can
-    # resolve, in half the bisection steps of the full bits (each a reduction the program waits on).
+    # resolve, in 16 bits where the full ones take 31 (each search step a reduction the program
+    # waits on).
     floor = tl.maximum(tl.max(bits, axis=0) - (FLOOR_OCTAVES << 23), 0)
     key = tl.where(live, (tl.maximum(bits, floor) - floor) >> KEY_SHIFT, -1)
-    # The largest t with at least `budget` keys at or above it: bisection,
+    # The largest t with at least `budget` keys at or above it, by thirds: both counts of a pass in
+    # one reduction (each below 2^16), eleven passes where halving takes sixteen;
     # count(key >= low) >= budget > count(key >= high) throughout.
     low = tl.full([], 0, tl.int32)
     high = tl.max(key, axis=0) + 1
@@ -151,7 +153,7 @@ def _keep_kernel(Mass, Nominated, Out, stride_mu, stride_nu, stride_ou, m, budge
 
 def keep_warps(middle: int) -> int:
     """The threshold search is bound by its reductions' latency: more warps shorten each only
-    while they have work (1, 2, 16 or 32 warps and 4- and 16-way searches did worse)."""
+    while they have work (1, 2, 16 or 32 warps did worse; so did other searches: benchmarks/README.md)."""
     return 8 if middle >= 4096 else 4
 
 
