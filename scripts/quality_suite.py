@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": datetime.date.today().isoformat(), "device": device_name(engine.backend),
         "machine": platform.platform(), "backend": engine.backend, "model": str(args.model), "draft": str(args.draft),
-        "gamma": 4, "sink": args.sink, "window": args.window, "eval_tokens": args.eval_tokens,
+        # perplexity/recall blocks are gamma + 1 = 5 tokens; retrieval and code generate at the engine's default
+        "gamma": 4, "generation_gamma": engine.default_gamma, "sink": args.sink, "window": args.window, "eval_tokens": args.eval_tokens,
         "questions": args.questions, "code_files": args.code_files,
         "calibrated_rows": calibration is not None,
         "versions": {p: installed_version(p) for p in ("sts-edge", "torch", "numpy")},

@@ -44,6 +44,8 @@ def test_the_suite_asks_every_question_and_continues_several_files(suite, model_
     assert suite.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["questions"] == 12 and record["code_files"] == 2
+    # blocks of 5 for perplexity/recall; generation at the backend's default (2 on the PyTorch CPU backend)
+    assert record["gamma"] == 4 and record["generation_gamma"] == (2 if record["backend"] == "torch-cpu" else 4)
     [entry] = record["contexts"]
     assert {row["config"] for row in entry["retrieval"]} == {"dense", "sts 16", "sts x3 16", "streaming 16"}
     assert {row["policy"] for row in entry["perplexity_recall"]} >= {"sts", "sts x3"}

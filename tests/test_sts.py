@@ -177,7 +177,8 @@ def backend_sets(backend, plan, layer, context, units, q, keys, scores):
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
         sets = LayerSets(plan, context, units, t(scores)).for_layer(layer, t(q), t(keys))
         return None if sets is None else sets.numpy()
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx
+
     from sts_edge.backends.mlx.selection import LayerSets
 
     m = lambda a: mx.array(a.astype(np.float32))  # noqa: E731
