@@ -261,20 +261,24 @@ def test_two_stage_kernel_keeps_the_references_best_candidates(dtype, granularit
                                    rtol=1e-3)
 
 
-@pytest.mark.parametrize("spread", ["close_keys", "many_octaves", "ties", "small_and_zero"])
+@pytest.mark.parametrize("spread", ["close_keys", "many_octaves", "small_and_zero", "ties", "ties_at_threshold"])
 def test_two_stage_keep_kernel_matches_numpy_top_budget(spread):
-    """The keep kernel's threshold search against select_indices, on masses it ranks exactly
-    (float32 with 11 mantissa bits, within 2^-30 of the largest, distinct), so the reference's
-    choice is the only right one; and on equal masses, where ties go to the earliest rows."""
+    """The keep kernel's threshold search against a numpy top budget, on masses it ranks exactly
+    (float32 with 11 mantissa bits, within 2^-30 of the largest): distinct ones against
+    select_indices; with ties, the largest first and equal ones by position (all equal; and 30
+    distinct large masses among 970 equal smaller ones, so the ties at the threshold outnumber
+    the room and rows above it follow skipped ties)."""
     from sts_edge.triton_kernels.two_stage import keep_heaviest
 
     units, sink, window, budget, middle = 3, 4, 16, 70, 1000
     generator = np.random.default_rng(len(spread))
     keys = {"close_keys": lambda: 0x6000 + generator.permutation(256)[:200],
             "many_octaves": lambda: generator.permutation(30 << 11)[:middle],
+            "small_and_zero": lambda: np.concatenate((generator.permutation(3000)[:500], np.zeros(middle - 500, int))),
             "ties": lambda: np.full(middle, 0x1234),
-            "small_and_zero": lambda: np.concatenate((generator.permutation(3000)[:500], np.zeros(middle - 500, int)))}
-    mass, nominated = [], []
+            "ties_at_threshold": lambda: generator.permutation(np.concatenate((0x7000 + np.arange(30),
+                                                                                np.full(middle - 30, 0x5000))))}
+    mass, nominated, ranked = [], [], []
     for _ in range(units):
         key = keys[spread]()
         # a key k is the float whose bits are k << 12 above the floor 2^-30 below the unit's top
@@ -282,17 +286,18 @@ def test_two_stage_keep_kernel_matches_numpy_top_budget(spread):
         if spread == "small_and_zero":
             bits = np.where(key > 0, bits, 0)  # exact zeros, as masked candidates are
         rows = np.sort(generator.permutation(np.arange(sink, 5000))[: len(key)])
-        unit_rows = np.concatenate((np.arange(sink), rows, 5000 + np.arange(window)))
-        unit_mass = np.concatenate((np.zeros(sink), bits.astype(np.int32).view(np.float32), np.zeros(window)))
-        nominated.append(unit_rows), mass.append(unit_mass)
+        nominated.append(np.concatenate((np.arange(sink), rows, 5000 + np.arange(window))))
+        mass.append(np.concatenate((np.zeros(sink), bits.astype(np.int32).view(np.float32), np.zeros(window))))
+        best = np.lexsort((np.arange(len(key)), -key))[:budget]  # largest key first, then earliest
+        ranked.append(np.concatenate((np.arange(sink), np.sort(best) + sink, np.arange(window) + sink + len(key))))
     nominated = torch.tensor(np.stack(nominated), dtype=torch.int32, device=DEVICE)
     mass = torch.tensor(np.stack(mass), dtype=torch.float32, device=DEVICE)
     got = keep_heaviest(mass, nominated, budget, sink, window).cpu().numpy()
-    if spread == "ties":
-        picked = np.broadcast_to(np.concatenate((np.arange(sink), sink + np.arange(budget))), (units, budget + sink))
-        want = np.concatenate((picked, np.broadcast_to(np.arange(-window, 0) + nominated.shape[1], (units, window))), 1)
+    if spread.startswith("ties"):
+        want = np.stack(ranked)
     else:
         want = select_indices(mass.cpu().numpy(), budget + sink + window, sink, window)
+        np.testing.assert_array_equal(want, np.stack(ranked))  # the two references agree on distinct masses
     np.testing.assert_array_equal(got, np.take_along_axis(nominated.cpu().numpy(), want, axis=1))
 
 
