@@ -33,6 +33,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_quality import budget_label, evaluate  # noqa: E402
@@ -118,6 +119,7 @@ def retrieval(engine, context: int, runs, seed: int, questions: int) -> list[dic
     body = planted_body(engine.tokenizer, book, facts, context - QUESTION_TOKENS)
     scores = {label + " " + budget_label(p.budget) if p.name != "dense" else "dense": [] for label, p, _ in runs}
     acceptance = {key: [] for key in scores}
+    bar = tqdm(total=questions * len(runs), desc=f"retrieval at {context}", unit="answer")
     for place, code in list(zip(PLACES, codes))[:questions]:
         messages = [{"role": "user", "content": f"{body}\n\nQuestion: what is the passcode for the {place}? Reply with the passcode only."}]
         for label, policy, mapping in runs:
@@ -131,6 +133,8 @@ def retrieval(engine, context: int, runs, seed: int, questions: int) -> list[dic
                 engine.calibration = saved
             scores[key].append(code in answer)
             acceptance[key].append(stats.acceptance_rate)
+            bar.update()
+    bar.close()
     return [{"config": key, "accuracy": float(np.mean(v)), "acceptance": float(np.mean(acceptance[key])), "questions": len(v)}
             for key, v in scores.items()]
 
@@ -138,6 +142,7 @@ def retrieval(engine, context: int, runs, seed: int, questions: int) -> list[dic
 def code_continuation(engine, context: int, runs, files: int) -> list[dict]:
     """Per config, agreement with dense's continuation averaged over `files` prefixes."""
     per_config: dict[str, list[dict]] = {}
+    bar = tqdm(total=files * len(runs), desc=f"code at {context}", unit="continuation")
     for first in range(files):
         tokens = engine.tokenizer.encode(code_text(first), add_special_tokens=False)[:context]
         reference = None
@@ -157,6 +162,8 @@ def code_continuation(engine, context: int, runs, files: int) -> list[dict]:
             per_config.setdefault(key, []).append({
                 "agreement": float(np.mean(same)), "matching_prefix": next((i for i, s in enumerate(same) if not s), len(same)),
                 "acceptance": stats.acceptance_rate, "sparsity": stats.sparsity})
+            bar.update()
+    bar.close()
     return [{"config": key, "files": len(found), "first_modules": CODE_MODULES[:files],
              **{name: float(np.mean([f[name] for f in found])) for name in ("agreement", "matching_prefix", "acceptance", "sparsity")}}
             for key, found in per_config.items()]
