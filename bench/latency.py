@@ -322,15 +322,15 @@ def header(backend: str = "auto") -> dict:
     """What every results file starts with: schema, date, device, platform and versions."""
     import importlib.metadata as metadata
 
+    from sts_edge.host import cpu_name
+
     versions = {"python": platform.python_version()}
     for package in ("sts-edge", "torch", "triton", "mlx", "mlx-lm", "llama_cpp_python", "transformers"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    device = f"{cpu}, {os.cpu_count()} logical CPUs"
+    device = cpu_name()
     gpu = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"], capture_output=True,
                          text=True)
     if gpu.returncode == 0 and backend in ("auto", "cuda"):

@@ -42,6 +42,7 @@ from sts_edge import load  # noqa: E402
 from sts_edge.calibration import default_path, load_mapping  # noqa: E402
 from sts_edge.cli import parse_budget  # noqa: E402
 from sts_edge.demo import DEFAULT_DRAFT, DEFAULT_TARGET  # noqa: E402
+from sts_edge.host import cpu_name  # noqa: E402
 from sts_edge.mask import GRANULARITIES, MaskPolicy  # noqa: E402
 from sts_edge.models import resolve_model  # noqa: E402
 from sts_edge.speculative import GenerationStats  # noqa: E402
@@ -207,7 +208,7 @@ def device_name(backend: str) -> str:
         import torch
 
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()})"
+    return cpu_name()
 
 
 def installed_version(package: str) -> str:

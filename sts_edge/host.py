@@ -1,4 +1,5 @@
-"""What the host offers a CPU backend: its physical cores, and the process's resident memory.
+"""What the host offers a CPU backend: its physical cores, and the process's resident memory (and
+the CPU's name, for results files).
 
 Threads: one per physical core (hyper-threads share a core's vector units, and a second thread
 per core only contends for them). A CPU backend's peak memory is the process's: Linux lets a
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import resource
 import sys
 from pathlib import Path
@@ -30,6 +32,17 @@ def physical_cores() -> int:
     except (OSError, AttributeError):
         pass
     return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The CPU as results files name it: its model (Linux: /proc/cpuinfo) and logical CPU count."""
+    model = platform.processor()
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
 
 
 def cpu_threads(requested: int | None = None) -> int | None:
