@@ -7,7 +7,8 @@ cpu: the target's verification of a block of 3 (gamma 2, the CPU default) after 
 Emma, budget 256, with candidates 1, 4 and 8, alternating, median of the runs after the first.
 gpu: one layer's second stage (8 KV heads of 4 query heads, a block of 5, head_dim 128, budget 512,
 --candidates x budget nominees per KV head beside sink and window) replayed in a CUDA graph, each
-kernel alone and the whole, and the same in PyTorch ops; microseconds per call
+kernel alone (the keep kernel at 1-32 warps; the first two together at 32, 64 and 128 candidates
+per program and 2, 4 and 8 warps) and the whole, and the same in PyTorch ops; microseconds per call
 (scripts/bench_kernels.time_graph).
 """
 
@@ -76,21 +77,27 @@ def gpu_cost(k: int) -> dict:
     at = torch.tensor([context], dtype=torch.int32, device="cuda")
     m = nominated.shape[1]
     queries = max(16, triton.next_power_of_2(group * n))
-    splits = triton.cdiv(m, two_stage.ROWS)
-    logits = torch.empty(units, queries, m, dtype=torch.float32, device="cuda")
-    part_max = torch.empty(units, splits + 1, queries, dtype=torch.float32, device="cuda")
-    part_sum = torch.empty_like(part_max)
     mass = torch.empty(units, m, dtype=torch.float32, device="cuda")
     out = torch.empty(units, budget + 68, dtype=torch.int32, device="cuda")
-    scores = lambda: two_stage._scores_kernel[(units, splits + 1)](  # noqa: E731
-        q, cache_k, nominated, at, logits, part_max, part_sum, q.stride(0), q.stride(1), cache_k.stride(0),
-        cache_k.stride(1), nominated.stride(0), logits.stride(0), logits.stride(1), part_max.stride(0),
-        part_max.stride(1), m, head_dim**-0.5 * two_stage.LOG2E, N=n, HEADS_PER_UNIT=group, GROUP=group,
-        QP=queries, HEAD_DIM=head_dim, ROWS=two_stage.ROWS, START_IN_MEMORY=True, UPCAST=False)
-    masses = lambda: two_stage._mass_kernel[(units, splits)](  # noqa: E731
-        logits, part_max, part_sum, mass, logits.stride(0), logits.stride(1), part_max.stride(0), part_max.stride(1),
-        mass.stride(0), m, N=n, HEADS_PER_UNIT=group, QP=queries, SP=triton.next_power_of_2(splits + 1),
-        ROWS=two_stage.ROWS)
+
+    def first_two(rows: int, warps: int):
+        """The scores and mass kernels with `rows` candidates per program, the scores kernel in `warps`."""
+        splits = triton.cdiv(m, rows)
+        logits = torch.empty(units, queries, m, dtype=torch.float32, device="cuda")
+        part_max = torch.empty(units, splits + 1, queries, dtype=torch.float32, device="cuda")
+        part_sum = torch.empty_like(part_max)
+        scores = lambda: two_stage._scores_kernel[(units, splits + 1)](  # noqa: E731
+            q, cache_k, nominated, at, logits, part_max, part_sum, q.stride(0), q.stride(1), cache_k.stride(0),
+            cache_k.stride(1), nominated.stride(0), logits.stride(0), logits.stride(1), part_max.stride(0),
+            part_max.stride(1), m, head_dim**-0.5 * two_stage.LOG2E, N=n, HEADS_PER_UNIT=group, GROUP=group,
+            QP=queries, HEAD_DIM=head_dim, ROWS=rows, START_IN_MEMORY=True, UPCAST=False, num_warps=warps)
+        masses = lambda: two_stage._mass_kernel[(units, splits)](  # noqa: E731
+            logits, part_max, part_sum, mass, logits.stride(0), logits.stride(1), part_max.stride(0),
+            part_max.stride(1), mass.stride(0), m, N=n, HEADS_PER_UNIT=group, QP=queries,
+            SP=triton.next_power_of_2(splits + 1), ROWS=rows)
+        return scores, masses
+
+    scores, masses = first_two(two_stage.ROWS, 4)
     keep = {warps: (lambda w=warps: two_stage._keep_kernel[(units,)](
         mass, nominated, out, mass.stride(0), nominated.stride(0), out.stride(0), m, budget, 4, 64,
         MP=triton.next_power_of_2(m - 68), FP=64, num_warps=w)) for warps in (1, 2, 4, 8, 16, 32)}
@@ -101,6 +108,8 @@ def gpu_cost(k: int) -> dict:
     selection.refine_sets_kernel = kernel
     return {"nominees_per_kv_head": m, "us": {
         "scores_kernel": replay_us(scores), "mass_kernel": replay_us(masses),
+        **{f"scores_then_mass_{rows}_rows_{warps}_warps": replay_us(lambda f=first_two(rows, warps): (f[0](), f[1]()))
+           for rows in (32, 64, 128) for warps in (2, 4, 8)},
         **{f"keep_kernel_{w}_warps": replay_us(fn) for w, fn in keep.items()},
         "all_three (refine_sets_kernel)": replay_us(lambda: two_stage.refine_sets_kernel(q, cache_k, at, nominated,
                                                                                         budget, 4, 64)),
