@@ -177,6 +177,8 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     contexts = [c for c in record["contexts"]]
+    scored = [r for c in contexts for r in c["perplexity_recall"] if r["policy"] not in ("dense", "dense-reference")]
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["policy"] for r in scored))}  # alike in every row
     fig, axes = plt.subplots(len(contexts), 3, figsize=(15, 3.8 * len(contexts)), squeeze=False)
     for row, entry in zip(axes, contexts):
         rows = [r for r in entry["perplexity_recall"] if r["policy"] not in ("dense", "dense-reference")]
@@ -184,8 +186,8 @@ def plot(record: dict, path: Path) -> None:
         for name in dict.fromkeys(r["policy"] for r in rows):
             mine = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["budget_tokens"])
             xs = [r["budget_tokens"] for r in mine]
-            row[0].plot(xs, [r["recall"] for r in mine], marker="o", label=name)
-            row[1].plot(xs, [r["perplexity"] for r in mine], marker="o", label=name)
+            row[0].plot(xs, [r["recall"] for r in mine], marker="o", label=name, color=colours[name])
+            row[1].plot(xs, [r["perplexity"] for r in mine], marker="o", label=name, color=colours[name])
         row[1].axhline(dense_ppl, color="black", linestyle="--", linewidth=1, label="dense")
         configs = entry["retrieval"]
         row[2].barh([c["config"] for c in configs], [c["accuracy"] for c in configs], color="tab:blue")
