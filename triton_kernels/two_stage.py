@@ -13,7 +13,7 @@ kernels per layer, each a few microseconds however little it reads; here it is t
   2. mass: the same grid merges the partial sums into each query's log-sum-exp and writes each
      candidate's mass;
   3. keep: one program per unit finds the budget's threshold by a search on the masses' bits
-     (non-negative floats order as their bit patterns; ranked to one part in 2048), then compacts
+     (non-negative floats order as their bit patterns; ranked to one part in 1024), then compacts
      the rows between the sink and the window to those at or above it (ties by position): the
      output stays sorted, as the attention kernels need, with no sort.
 """
@@ -29,8 +29,8 @@ from sts_edge.triton_kernels.verify_attention import INTERPRETED
 LOG2E = 1.4426950408889634
 ROWS = 64  # candidates per program of the first two kernels
 MAX_NOMINATED = 16384  # the keep kernel holds a unit's whole list in one program's registers
-KEY_SHIFT = tl.constexpr(12)  # masses ranked on 11 of float32's 23 mantissa bits: one part in 2048
-FLOOR_OCTAVES = tl.constexpr(30)  # masses below 2^-30 of a unit's largest rank as equal
+KEY_SHIFT = tl.constexpr(13)  # masses ranked on 10 of float32's 23 mantissa bits: one part in 1024
+FLOOR_OCTAVES = tl.constexpr(19)  # masses below 2^-19 of a unit's largest rank as equal
 
 
 @triton.jit
@@ -112,12 +112,12 @@ def _keep_kernel(Mass, Nominated, Out, stride_mu, stride_nu, stride_ou, m, budge
     bits = tl.maximum(tl.load(Mass + unit * stride_mu + sink + i, mask=live, other=0.0), 0.0).to(tl.int32, bitcast=True)
     # Non-negative floats order as their bit patterns. The key drops the low KEY_SHIFT mantissa bits
     # and all below 2^-FLOOR_OCTAVES of the unit's largest mass: a ranking finer than bf16 keys can
-    # resolve, in 16 bits where the full ones take 31 (each search step a reduction the program
-    # waits on).
+    # resolve (a mass that small is noise beside the largest), in keys below 19 x 1024 + 1 <= 3^9,
+    # so nine search passes where the full bits take 31 (each a reduction the program waits on).
     floor = tl.maximum(tl.max(bits, axis=0) - (FLOOR_OCTAVES << 23), 0)
     key = tl.where(live, (tl.maximum(bits, floor) - floor) >> KEY_SHIFT, -1)
     # The largest t with at least `budget` keys at or above it, by thirds: both counts of a pass in
-    # one reduction (each below 2^16), eleven passes where halving takes sixteen;
+    # one reduction (each below 2^16), nine passes where halving takes fifteen;
     # count(key >= low) >= budget > count(key >= high) throughout.
     low = tl.full([], 0, tl.int32)
     high = tl.max(key, axis=0) + 1
@@ -195,7 +195,7 @@ def refine_sets_kernel(q: torch.Tensor, cache_k: torch.Tensor, start: int | torc
 def keep_heaviest(mass: torch.Tensor, nominated: torch.Tensor, budget: int, sink: int, window: int) -> torch.Tensor:
     """The third kernel alone: of each unit's nominated rows (int32 [units, m], laid out as in
     refine_sets_kernel), the sink, the window and the `budget` rows between them with the largest
-    masses (float32 [units, m], non-negative), ranked to one part in 2048, ties by position.
+    masses (float32 [units, m], non-negative), ranked to one part in 1024, ties by position.
     Returns sorted int32 [units, budget + sink + window]."""
     units, m = nominated.shape
     out = torch.empty(units, budget + sink + window, dtype=torch.int32, device=nominated.device)
