@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="runtime,eager,device", help="which timings (see above)")
     parser.add_argument("--draft-kv-bits", default="16", help="the draft cache's precisions, comma separated, of 16,8,4")
     parser.add_argument("--drafting", default="dense", help="STS's drafting modes, comma separated, of dense,sparse")
-    parser.add_argument("--candidates", default="1,4", help="STS's two-stage nominations per budget token, comma "
-                        "separated (1: the draft's top B as they are; 4: the runtime's default)")
+    parser.add_argument("--candidates", default="1,5", help="STS's two-stage nominations per budget token, comma "
+                        "separated (1: the draft's top B as they are; 5: the runtime's default)")
     parser.add_argument("--out", help="JSON output (default: print only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--granularity", default="kv", help="kv, query, or kv,query to compare one set per KV head with one per query head")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--calibration", default="auto", help="'auto', a file, or 'none'")
-    parser.add_argument("--candidates", default="1,4",
+    parser.add_argument("--candidates", default="1,5",
                         help="sts's two-stage settings, comma separated (rows 'sts xK'): K > 1 nominates K x budget "
                         "tokens by the draft's scores and keeps the budget's best by the target's own attention")
     parser.add_argument("--draft-kv-bits", type=int, default=16, choices=(16, 8, 4),

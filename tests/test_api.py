@@ -8,6 +8,7 @@ import pytest
 
 from sts_edge import load
 from sts_edge.config import ModelConfig
+from sts_edge.mask import MaskPolicy
 from sts_edge.tokenizer import Tokenizer
 
 BACKENDS = ["torch-cpu", "mlx"]
@@ -101,7 +102,8 @@ def test_generate_cli_reports_sparsity(model_dirs, draft_dir):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "sparse verification (sts, two-stage x4)" in result.stderr and "gamma 3" in result.stderr
+    default = MaskPolicy().candidates
+    assert f"sparse verification (sts, two-stage x{default})" in result.stderr and "gamma 3" in result.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "sts_edge.generate", "--model", str(model_dirs["llama3"]), "--prompt", "x", "--budget", "lots"],
         capture_output=True, text=True, timeout=300,
