@@ -53,10 +53,9 @@ class MaskPolicy:
     drafting: str = "dense"  # "sparse": the cheaper drafting pass (DRAFTING above); other policies ignore it
     # sts: the draft nominates candidates x budget positions and the block's own attention over them
     # keeps the budget's best (1: the draft's top budget, as nominated). Other policies ignore it.
-    # 5: most of the way from the draft's choice to the target's own (benchmarks/README.md, quality
-    # section: 0.94-1.00 of the oracle's attention recall at 8K and 16K, where 4 falls to 0.93)
-    # for about an eighth of what sparse verification saves at 128K on a GPU; 8 gains a little
-    # more recall for a fifth more cost.
+    # 5: the fewest nominations whose sets stay close to the oracle's at long context, for a small
+    # part of what sparse verification saves; more buy a little recall for a cost that grows
+    # (benchmarks/README.md, "Why the default is 5").
     candidates: int = 5
 
     def __post_init__(self) -> None:
