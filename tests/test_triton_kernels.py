@@ -538,10 +538,10 @@ def test_device_side_start_matches_the_plain_paths(make_model):
         np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), rtol=2e-2, atol=2e-2)
 
 
-def quantized_cache(cache: torch.Tensor, bits: int, group_size: int):
-    """(QuantizedRows of a cache, the cache those rows decode to). The centres are the live rows'
-    channel means (junk rows are NaN) moved by a few units per KV head and channel, so that a
-    centre read from the wrong head or channel shows."""
+def quantized_cache(cache: torch.Tensor, bits: int, group_size: int, decoded_dtype: torch.dtype | None = None):
+    """(QuantizedRows of a cache, the cache those rows decode to, in `decoded_dtype` or the
+    cache's). The centres are the live rows' channel means (junk rows are NaN) moved by a few units
+    per KV head and channel, so that a centre read from the wrong head or channel shows."""
     from sts_edge.backends.torch.quantized_kv import dequantize_rows, quantize_rows
     from sts_edge.triton_kernels.verify_attention import QuantizedRows
 
@@ -550,7 +550,7 @@ def quantized_cache(cache: torch.Tensor, bits: int, group_size: int):
     centres = (torch.nanmean(cache.float(), 1) + shift).contiguous()
     parts = quantize_rows(cache, bits, group_size, centres[:, None])
     return (QuantizedRows(*parts, centres, bits, group_size),
-            dequantize_rows(*parts, bits, group_size, centres[:, None], cache.dtype))
+            dequantize_rows(*parts, bits, group_size, centres[:, None], decoded_dtype or cache.dtype))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -559,13 +559,17 @@ def quantized_cache(cache: torch.Tensor, bits: int, group_size: int):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernels_read_quantized_caches_as_the_rows_they_decode_to(bits, head_dim, group_size, n, dtype):
     """Dense and sparse attention and the draft's scores over a cache quantized to 8 or 4 bits
-    equal the same over its decoded rows (the junk rows past the block stay unread: NaN there)."""
-    if dtype == torch.bfloat16 and INTERPRETED:
+    equal the same over its decoded rows (the junk rows past the block stay unread: NaN there):
+    8-bit rows decoded and rounded to the model's dtype, as the kernels decode them; 4-bit rows
+    exactly (float32), since the kernels multiply their codes instead of decoding them."""
+    if dtype == torch.bfloat16 and INTERPRETED and bits == 8:
         pytest.skip("Triton's interpreter converts float32 to bfloat16 by truncation, not rounding "
                     "(the GPU rounds, as the reference does)")
     heads, kv_heads, start = 8, 2, 150
     q, k, v = make_inputs(heads, kv_heads, head_dim, n, start, dtype, seed=bits + n)
-    (k_rows, k_decoded), (v_rows, v_decoded) = quantized_cache(k, bits, group_size), quantized_cache(v, bits, group_size)
+    decoded_dtype = torch.float32 if bits == 4 else None
+    (k_rows, k_decoded), (v_rows, v_decoded) = (quantized_cache(k, bits, group_size, decoded_dtype),
+                                                quantized_cache(v, bits, group_size, decoded_dtype))
     assert torch.isnan(k_decoded[:, start + n :]).all()
     want = reference(q.cpu(), k_decoded.cpu(), v_decoded.cpu(), start, None)
     assert rel_error(split_attention(q, k_rows, v_rows, start), want) < TOLERANCE[dtype]

@@ -18,15 +18,13 @@ import triton.language as tl
 
 from sts_edge.triton_kernels.verify_attention import (
     KernelInputError,
+    dense_tile_rows,
     Launch,
     ProbabilityOutputs,
     QuantizedRows,
     pdl_available,
     split_attention,
 )
-
-# Tile rows of the dense split kernel, fixed here because the tile maxima are indexed by row // TILE.
-TILE = 128
 
 AGGREGATIONS = ("max", "sum")
 GRANULARITIES = ("kv", "query")
@@ -101,19 +99,20 @@ def draft_attention_with_scores(
         if scores.stride(1) != 1:
             raise KernelInputError("score rows must be contiguous")
     length = reach + n
-    block_slot = triton.cdiv(reach, TILE)
+    tile = dense_tile_rows(cache_k)
+    block_slot = triton.cdiv(reach, tile)
     tile_probs = torch.empty(heads, n, length, dtype=torch.float16, device=q.device)
     tile_max = torch.empty(heads, n, block_slot + 1, dtype=torch.float32, device=q.device)
     lse = torch.empty(heads * n, dtype=torch.float32, device=q.device)
     # The fold is launched with programmatic dependent launch, so it is ready to run as the merge ends.
     pdl = pdl_available(q.device)
     out = split_attention(q, cache_k, cache_v, start, probs=ProbabilityOutputs(tile_probs, tile_max, lse), bound=bound,
-                          launch=Launch(num_splits=num_splits, block_n=TILE, pdl=pdl, early_next=True), check=check)
+                          launch=Launch(num_splits=num_splits, block_n=tile, pdl=pdl, early_next=True), check=check)
     heads_per_unit = heads // kv_heads if granularity == "kv" else 1
     block_l = 1024
     _fold_scores_kernel[(heads // heads_per_unit, triton.cdiv(length, block_l))](
         tile_probs, tile_max, lse, scores, *tile_probs.stride()[:2], *tile_max.stride()[:2], scores.stride(0), start,
-        block_slot, N=n, HEADS_PER_UNIT=heads_per_unit, TILE_ROWS=TILE, BLOCK_L=block_l, SUM=aggregation == "sum", START_IN_MEMORY=in_memory,
+        block_slot, N=n, HEADS_PER_UNIT=heads_per_unit, TILE_ROWS=tile, BLOCK_L=block_l, SUM=aggregation == "sum", START_IN_MEMORY=in_memory,
         USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return out

@@ -61,8 +61,9 @@ class QuantizedRows:
     """A KV cache quantized group-wise along head_dim (backends/torch/quantized_kv.py): values uint8
     [kv_heads, capacity, head_dim * bits / 8] (4 bits: two to a byte, the even position in the low
     nibble), scales and biases float32 [kv_heads, capacity, head_dim / group_size], centres float32
-    [kv_heads, head_dim], value = scale * q + bias + centre. The kernels decode each row as they
-    load it; nothing is decoded to memory."""
+    [kv_heads, head_dim], value = scale * q + bias + centre. The kernels decode 8-bit rows as they
+    load them and multiply 4-bit codes as they are (exactly, where decoding rounds each value to
+    the model's dtype); nothing is decoded to memory."""
 
     values: torch.Tensor
     scales: torch.Tensor
@@ -109,20 +110,14 @@ class Launch:
 @triton.jit
 def _load_rows(base, scale_base, bias_base, centre_base, rows, stride_r, stride_sr, ok, D: tl.constexpr,
                BLOCK: tl.constexpr, KV_BITS: tl.constexpr, KV_GROUP: tl.constexpr, DTYPE: tl.constexpr):
-    """Rows `rows` [BLOCK] of a cache [.., head_dim]: as stored (KV_BITS 16), or decoded from 8 or 4
-    bits (QuantizedRows) in float32 and rounded once to DTYPE, the model's, as
-    quantized_kv.dequantize_rows decodes them."""
+    """Rows `rows` [BLOCK] of a cache [.., head_dim]: as stored (KV_BITS 16), or decoded from 8 bits
+    (QuantizedRows) in float32 and rounded once to DTYPE, the model's, as
+    quantized_kv.dequantize_rows decodes them. (4-bit caches are read by _nibbles instead.)"""
     d = tl.arange(0, D)
     if KV_BITS == 16:
         x = tl.load(base + rows[:, None] * stride_r + d[None, :], mask=ok[:, None], other=0.0)
     else:
-        if KV_BITS == 8:
-            values = tl.load(base + rows[:, None] * stride_r + d[None, :], mask=ok[:, None], other=0)
-        else:  # a byte holds positions 2i (low nibble) and 2i + 1; each lane loads its own byte
-            # (neighbours share it, in one transaction): unpacking with tl.join and tl.reshape
-            # compiled to a wrong order inside the pipelined loop on an H200 (Triton 3.6).
-            packed = tl.load(base + rows[:, None] * stride_r + (d // 2)[None, :], mask=ok[:, None], other=0)
-            values = (packed.to(tl.int32) >> ((d % 2) * 4)[None, :]) & 15
+        values = tl.load(base + rows[:, None] * stride_r + d[None, :], mask=ok[:, None], other=0)
         groups = tl.arange(0, D // KV_GROUP)
         scales = tl.load(scale_base + rows[:, None] * stride_sr + groups[None, :], mask=ok[:, None], other=0.0)
         biases = tl.load(bias_base + rows[:, None] * stride_sr + groups[None, :], mask=ok[:, None], other=0.0)
@@ -131,6 +126,83 @@ def _load_rows(base, scale_base, bias_base, centre_base, rows, stride_r, stride_
         centres = tl.load(centre_base + d)
         x = (values.to(tl.float32) * scales + biases + centres[None, :]).to(DTYPE)
     return x
+
+
+# Four bytes of a 4-bit cache (eight values) -> float16 operands, exactly: each byte's low nibble q
+# as q - 8 and its high nibble as 16 (q - 8). A nibble OR-ed under the exponent of 1024 is
+# 1024 + q (float16's ulp there is 1), a high nibble left in place 1024 + 16 q; a packed
+# multiply-add moves both down. Integer-to-float conversions and float32-to-16-bit roundings run at
+# a fraction of the multiply-add rate, and decoding every value through them bounded the read; so
+# the codes are multiplied as they are and the scales applied per group after the products. The
+# even and odd positions stay apart (no interleaving: tl.join and tl.reshape compiled to a wrong
+# order inside the pipelined loop on an H200, Triton 3.6).
+NIBBLE_DECODE = tl.constexpr(
+    "{ .reg .b32 t0, t1, one, low, high;"
+    " mov.b32 one, 0x3C003C00; mov.b32 low, 0xE408E408; mov.b32 high, 0xE480E480;"
+    " prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342;"
+    " lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA; lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;"
+    " lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA; lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;"
+    " fma.rn.f16x2 $0, $0, one, low; fma.rn.f16x2 $1, $1, one, low;"
+    " fma.rn.f16x2 $2, $2, one, high; fma.rn.f16x2 $3, $3, one, high; }")
+
+
+@triton.jit
+def _nibbles(base, rows, stride_r, ok, D: tl.constexpr, IN_PTX: tl.constexpr):
+    """Rows `rows` of a 4-bit cache as (q - 8 of the even positions, 16 (q - 8) of the odd ones),
+    each [rows, D / 2], exact: float16 on the GPU, float32 under the interpreter."""
+    half = tl.arange(0, D // 2)
+    packed = tl.load(base + rows[:, None] * stride_r + half[None, :], mask=ok[:, None], other=0)
+    if IN_PTX:
+        low, high = tl.inline_asm_elementwise(NIBBLE_DECODE, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        b = packed.to(tl.int32)
+        low = ((b & 15) - 8).to(tl.float32)
+        high = (((b >> 4) - 8) * 16).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def _code_logits(q_low, q_high, q_both, q_dot_centre, base, scale_base, bias_base, rows, stride_r, stride_sr, ok,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, KV_GROUP: tl.constexpr,
+                 IN_PTX: tl.constexpr):
+    """q . k for 4-bit keys, per group g: scale_g (q_g . (code - 8)) + (bias_g + 8 scale_g) sum(q_g),
+    plus q . centre. The codes multiply on tensor cores as they are; no key is decoded to a float.
+    q_low and q_high are q's even and odd positions (the odd ones over 16), q_both their sum."""
+    low, high = _nibbles(base, rows, stride_r, ok, D, IN_PTX)
+    half = tl.arange(0, D // 2)
+    s = tl.zeros((BLOCK_M, BLOCK), tl.float32) + q_dot_centre[:, None]
+    for g in tl.static_range(D // KV_GROUP):
+        in_group = (half // (KV_GROUP // 2)) == g  # positions 2j and 2j + 1 share a group
+        part = tl.dot(tl.where(in_group[None, :], q_low, 0.0), tl.trans(low))
+        part = tl.dot(tl.where(in_group[None, :], q_high, 0.0), tl.trans(high), part)
+        scale = tl.load(scale_base + rows * stride_sr + g, mask=ok, other=0.0)
+        bias = tl.load(bias_base + rows * stride_sr + g, mask=ok, other=0.0)
+        q_sum = tl.sum(tl.where(in_group[None, :], q_both, 0.0), 1)
+        s += part * scale[None, :] + q_sum[:, None] * (bias + 8 * scale)[None, :]
+    return s
+
+
+@triton.jit
+def _code_values(p, base, scale_base, bias_base, rows, stride_r, stride_sr, ok, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, KV_GROUP: tl.constexpr, CODE_DTYPE: tl.constexpr, IN_PTX: tl.constexpr):
+    """p . (v - centre) for 4-bit values, even and odd positions apart ([BLOCK_M, D / 2] each): per
+    group, (p scale_g) . (code - 8) on tensor cores plus p . (bias_g + 8 scale_g). The codes are
+    exact small integers, so p scale_g's one rounding to 16 bits is the only one (decoding rounds
+    every value instead)."""
+    low, high = _nibbles(base, rows, stride_r, ok, D, IN_PTX)
+    half = tl.arange(0, D // 2)
+    even = tl.zeros((BLOCK_M, D // 2), tl.float32)
+    odd = tl.zeros((BLOCK_M, D // 2), tl.float32)
+    for g in tl.static_range(D // KV_GROUP):
+        in_group = ((half // (KV_GROUP // 2)) == g)[None, :]
+        scale = tl.load(scale_base + rows * stride_sr + g, mask=ok, other=0.0)
+        bias = tl.load(bias_base + rows * stride_sr + g, mask=ok, other=0.0)
+        weighted = (p * scale[None, :]).to(CODE_DTYPE)
+        offset = tl.sum(p * (bias + 8 * scale)[None, :], 1)[:, None]
+        even += tl.where(in_group, tl.dot(weighted, low) + offset, 0.0)
+        odd += tl.where(in_group, tl.dot(weighted, high) * 0.0625 + offset, 0.0)
+    return even, odd
 
 
 @triton.jit
@@ -143,7 +215,7 @@ def _split_attention_kernel(
     N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SELF: tl.constexpr,
     DENSE: tl.constexpr, WRITE_PROBS: tl.constexpr, UPCAST: tl.constexpr, START_IN_MEMORY: tl.constexpr,
-    USE_PDL: tl.constexpr, KV_BITS: tl.constexpr, KV_GROUP: tl.constexpr,
+    USE_PDL: tl.constexpr, KV_BITS: tl.constexpr, KV_GROUP: tl.constexpr, UPCAST_CODES: tl.constexpr,
 ):
     if USE_PDL:  # launched while the kernel before it finishes: no memory access before this wait
         tl.extra.cuda.gdc_wait()
@@ -158,18 +230,33 @@ def _split_attention_kernel(
     valid_m = m < GROUP * N
     head = kv_head * GROUP + m // N
     query = m % N
-    q = tl.load(Q + head[:, None] * stride_qh + query[:, None] * stride_qn + d[None, :], mask=valid_m[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     k_base = K + kv_head * stride_kh
     v_base = V + kv_head * stride_vh
     ks_base, kb_base = KScales + kv_head * stride_ksh, KBiases + kv_head * stride_ksh
     vs_base, vb_base = VScales + kv_head * stride_vsh, VBiases + kv_head * stride_vsh
     kc_base, vc_base = KCentres + kv_head * stride_kch, VCentres + kv_head * stride_vch
+    # 4-bit caches are read by products with their codes (_code_logits, _code_values); 8-bit ones
+    # are decoded row by row (_load_rows).
+    CODES: tl.constexpr = KV_BITS == 4
+    IN_PTX: tl.constexpr = not UPCAST_CODES
+    CODE_DTYPE: tl.constexpr = tl.float32 if UPCAST_CODES else tl.float16
+    q_at = Q + head[:, None] * stride_qh + query[:, None] * stride_qn
+    if CODES:
+        half = tl.arange(0, D // 2)
+        q_even = tl.load(q_at + 2 * half[None, :], mask=valid_m[:, None], other=0.0).to(tl.float32)
+        q_odd = tl.load(q_at + 2 * half[None, :] + 1, mask=valid_m[:, None], other=0.0).to(tl.float32)
+        q_dot_centre = tl.sum(q_even * tl.load(kc_base + 2 * half)[None, :] + q_odd * tl.load(kc_base + 2 * half + 1)[None, :], 1)
+        q_low, q_high, q_both = q_even.to(CODE_DTYPE), (q_odd * 0.0625).to(CODE_DTYPE), q_even + q_odd
+        acc_even = tl.zeros([BLOCK_M, D // 2], tl.float32)
+        acc_odd = tl.zeros([BLOCK_M, D // 2], tl.float32)
+    else:
+        q = tl.load(q_at + d[None, :], mask=valid_m[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
     if split < num_splits:
         # A slice of the context rows: rows I(k)[lo:hi] (or lo..hi when dense).
         if DENSE:
@@ -189,15 +276,19 @@ def _split_attention_kernel(
                 rows = pos.to(tl.int64)
             else:
                 rows = tl.load(Idx + pos, mask=ok, other=0).to(tl.int64)
-            # Both gathers are issued before any use, so the K and V rows are in flight together.
-            k = _load_rows(k_base, ks_base, kb_base, kc_base, rows, stride_kr, stride_ksr, ok, D, BLOCK_N,
-                           KV_BITS, KV_GROUP, Q.dtype.element_ty)
-            v = _load_rows(v_base, vs_base, vb_base, vc_base, rows, stride_vr, stride_vsr, ok, D, BLOCK_N,
-                           KV_BITS, KV_GROUP, Q.dtype.element_ty)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
+            if CODES:
+                s = _code_logits(q_low, q_high, q_both, q_dot_centre, k_base, ks_base, kb_base, rows, stride_kr,
+                                 stride_ksr, ok, D, BLOCK_M, BLOCK_N, KV_GROUP, IN_PTX) * qk_scale  # log2 domain
+            else:
+                # Both gathers are issued before any use, so the K and V rows are in flight together.
+                k = _load_rows(k_base, ks_base, kb_base, kc_base, rows, stride_kr, stride_ksr, ok, D, BLOCK_N,
+                               KV_BITS, KV_GROUP, Q.dtype.element_ty)
+                v = _load_rows(v_base, vs_base, vb_base, vc_base, rows, stride_vr, stride_vsr, ok, D, BLOCK_N,
+                               KV_BITS, KV_GROUP, Q.dtype.element_ty)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
@@ -207,18 +298,28 @@ def _split_attention_kernel(
                 tl.store(TileMax + head * stride_th + query * stride_tn + r // BLOCK_N, m_new, mask=valid_m)
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if CODES:
+                even, odd = _code_values(p, v_base, vs_base, vb_base, rows, stride_vr, stride_vsr, ok, D, BLOCK_M,
+                                         KV_GROUP, CODE_DTYPE, IN_PTX)
+                acc_even = acc_even * alpha[:, None] + even
+                acc_odd = acc_odd * alpha[:, None] + odd
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
     else:
         # The block itself: query i sees block rows 0..i.
         j = tl.arange(0, BLOCK_SELF)
         rows = start + j
         ok_j = j < N
-        k = _load_rows(k_base, ks_base, kb_base, kc_base, rows, stride_kr, stride_ksr, ok_j, D, BLOCK_SELF,
-                       KV_BITS, KV_GROUP, Q.dtype.element_ty)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if CODES:
+            s = _code_logits(q_low, q_high, q_both, q_dot_centre, k_base, ks_base, kb_base, rows, stride_kr,
+                             stride_ksr, ok_j, D, BLOCK_M, BLOCK_SELF, KV_GROUP, IN_PTX) * qk_scale
+        else:
+            k = _load_rows(k_base, ks_base, kb_base, kc_base, rows, stride_kr, stride_ksr, ok_j, D, BLOCK_SELF,
+                           KV_BITS, KV_GROUP, Q.dtype.element_ty)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(ok_j[None, :] & (j[None, :] <= query[:, None]), s, float("-inf"))
         m_i = tl.max(s, 1)
         p = tl.math.exp2(s - m_i[:, None])
@@ -227,19 +328,30 @@ def _split_attention_kernel(
                      p.to(tl.float16), mask=valid_m[:, None] & ok_j[None, :])
             tl.store(TileMax + head * stride_th + query * stride_tn + block_slot, m_i, mask=valid_m)
         l_i = tl.sum(p, 1)
-        v = _load_rows(v_base, vs_base, vb_base, vc_base, rows, stride_vr, stride_vsr, ok_j, D, BLOCK_SELF,
-                       KV_BITS, KV_GROUP, Q.dtype.element_ty)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v)
+        if CODES:
+            acc_even, acc_odd = _code_values(p, v_base, vs_base, vb_base, rows, stride_vr, stride_vsr, ok_j, D,
+                                             BLOCK_M, KV_GROUP, CODE_DTYPE, IN_PTX)
+        else:
+            v = _load_rows(v_base, vs_base, vb_base, vc_base, rows, stride_vr, stride_vsr, ok_j, D, BLOCK_SELF,
+                           KV_BITS, KV_GROUP, Q.dtype.element_ty)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = tl.dot(p.to(v.dtype), v)
 
     if USE_PDL:  # the merge kernel may start launching now; it waits for these stores in gdc_wait
         tl.extra.cuda.gdc_launch_dependents()
     # Partial results: normalised output and log2-sum-exp of this split (-inf when it saw nothing).
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("-inf"))
     slot = kv_head * (num_splits + 1) + split
-    tl.store(Opart + (slot * BLOCK_M + m[:, None]) * D + d[None, :], out, mask=valid_m[:, None])
+    out_at = Opart + (slot * BLOCK_M + m[:, None]) * D
+    if CODES:  # the values' centres, which p . (v - centre) left out, come back with weight one
+        tl.store(out_at + 2 * half[None, :], acc_even / norm + tl.load(vc_base + 2 * half)[None, :],
+                 mask=valid_m[:, None])
+        tl.store(out_at + 2 * half[None, :] + 1, acc_odd / norm + tl.load(vc_base + 2 * half + 1)[None, :],
+                 mask=valid_m[:, None])
+    else:
+        tl.store(out_at + d[None, :], acc / norm, mask=valid_m[:, None])
     tl.store(Lpart + slot * BLOCK_M + m, lse, mask=valid_m)
 
 
@@ -380,6 +492,12 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def dense_tile_rows(cache_k: torch.Tensor | QuantizedRows) -> int:
+    """Rows per tile of a dense read: 128, or 256 for a 4-bit cache, whose products with the codes
+    do more work per byte read than a decoded tile's (the best of a sweep: benchmarks/README.md)."""
+    return 256 if isinstance(cache_k, QuantizedRows) and cache_k.bits == 4 else 128
+
+
 def pdl_available(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper and later, compiled (not interpreted), unless STS_EDGE_PDL=0."""
     return PDL_DEFAULT and not INTERPRETED and device.type == "cuda" and _capability(device) >= 9
@@ -443,8 +561,8 @@ def split_attention(
     # Launch settings: the best of sweeps (benchmarks/README.md; bench_kernels.py --sections tune).
     # With index lists Triton's pipeliner shares num_stages - 1 stages between the index load and
     # the gathers it feeds, so 5 stages give the gathers two buffers where 2-4 give them one.
-    block_n = block_n or (128 if dense else 32)
-    num_stages = num_stages or (2 if dense else 5)
+    block_n = block_n or (dense_tile_rows(cache_k) if dense else 32)
+    num_stages = num_stages or ((3 if block_n > 128 else 2) if dense else 5)
     if num_splits is None:
         num_splits = _num_splits(kv_heads, q.device)
     # Whole tiles per split (at least one), then only as many splits as the longest list fills.
@@ -494,7 +612,7 @@ def split_attention(
         start, rows_per_split, num_splits, head_dim**-0.5 * LOG2E, block_slot,
         N=n, GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SELF=block_self,
         DENSE=dense, WRITE_PROBS=write_probs, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-        START_IN_MEMORY=in_memory, USE_PDL=pdl, KV_BITS=kv_bits, KV_GROUP=kv_group,
+        START_IN_MEMORY=in_memory, USE_PDL=pdl, KV_BITS=kv_bits, KV_GROUP=kv_group, UPCAST_CODES=INTERPRETED,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     # Stored token-major, so that the caller's [n, heads * head_dim] for the output projection
