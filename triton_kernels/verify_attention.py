@@ -246,6 +246,7 @@ def _split_attention_kernel(
         q_even = tl.load(q_at + 2 * half[None, :], mask=valid_m[:, None], other=0.0).to(tl.float32)
         q_odd = tl.load(q_at + 2 * half[None, :] + 1, mask=valid_m[:, None], other=0.0).to(tl.float32)
         q_dot_centre = tl.sum(q_even * tl.load(kc_base + 2 * half)[None, :] + q_odd * tl.load(kc_base + 2 * half + 1)[None, :], 1)
+        # float16 holds a bfloat16 query to within 2^-25 where |q| < 65504 (attention queries are)
         q_low, q_high, q_both = q_even.to(CODE_DTYPE), (q_odd * 0.0625).to(CODE_DTYPE), q_even + q_odd
         acc_even = tl.zeros([BLOCK_M, D // 2], tl.float32)
         acc_odd = tl.zeros([BLOCK_M, D // 2], tl.float32)
