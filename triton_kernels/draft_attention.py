@@ -18,10 +18,10 @@ import triton.language as tl
 
 from sts_edge.triton_kernels.verify_attention import (
     KernelInputError,
-    dense_tile_rows,
     Launch,
     ProbabilityOutputs,
     QuantizedRows,
+    dense_tile_rows,
     pdl_available,
     split_attention,
 )
